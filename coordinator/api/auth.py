@@ -1,0 +1,81 @@
+"""API authentication: ``Authorization: Bearer <token>`` for site agents and for people.
+
+Site tokens start with ``site_`` and authenticate as a SiteAgent principal (never as a user);
+personal tokens start with ``user_`` and authenticate as their user. Both are looked up by
+their SHA-256 hash: the token itself is never stored or logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.utils import timezone
+from rest_framework import authentication, exceptions, permissions
+
+from coordinator import services
+from coordinator.models import PersonalToken, Site, token_hash
+from sitesagent import protocol
+
+
+@dataclass
+class SiteAgent:
+    """The principal of a request made with a site token."""
+
+    site: Site
+    is_authenticated: bool = True
+    is_site_agent: bool = True
+    is_superuser: bool = False
+    is_staff: bool = False
+    pk: None = None
+
+
+class BearerTokenAuthentication(authentication.BaseAuthentication):
+    keyword = "Bearer"
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request).decode("latin-1")
+        if not header:
+            return None
+        scheme, _, token = header.partition(" ")
+        if scheme != self.keyword:
+            return None
+        token = token.strip()
+        if not token:
+            raise exceptions.AuthenticationFailed("the Bearer header carries no token")
+        if token.startswith(protocol.SITE_TOKEN_PREFIX):
+            site = services.site_authenticate(token)
+            if site is None:
+                raise exceptions.AuthenticationFailed("unknown or revoked site token")
+            return SiteAgent(site), site
+        personal = (
+            PersonalToken.objects.select_related("user")
+            .filter(token_hash=token_hash(token), revoked_at__isnull=True, user__is_active=True)
+            .first()
+        )
+        if personal is None:
+            raise exceptions.AuthenticationFailed("unknown or revoked token")
+        return personal.user, personal
+
+    def authenticate_header(self, request):
+        return self.keyword
+
+
+class IsSiteAgent(permissions.BasePermission):
+    message = "this endpoint is for site agents: authenticate with the site's token"
+
+    def has_permission(self, request, view):
+        return isinstance(request.user, SiteAgent)
+
+
+class IsPerson(permissions.BasePermission):
+    message = "this endpoint is for people: sign in or use a personal token, not a site token"
+
+    def has_permission(self, request, view):
+        user = request.user
+        return user is not None and user.is_authenticated and not isinstance(user, SiteAgent)
+
+
+def touch_site(site: Site) -> None:
+    """Agents' requests count as a heartbeat, at most every few seconds."""
+    if site.last_seen_at is None or (timezone.now() - site.last_seen_at).total_seconds() > 5:
+        services.site_heartbeat(site=site)

@@ -1,0 +1,395 @@
+"""The HTTP API: thin functions that check access, call one service or selector, and answer."""
+
+from __future__ import annotations
+
+from django.http import FileResponse, Http404, HttpResponse
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework.decorators import api_view, parser_classes, permission_classes
+from rest_framework.parsers import BaseParser
+from rest_framework.response import Response
+
+from coordinator import access, privacy_preview, selectors, services, storage
+from coordinator.api import serializers as s
+from coordinator.api.auth import IsPerson, IsSiteAgent, SiteAgent, touch_site
+from coordinator.errors import NotAllowed
+from coordinator.models import (
+    AuditEvent,
+    Federation,
+    LedgerEntry,
+    Membership,
+    ModelVersion,
+    Round,
+    Site,
+    Task,
+)
+
+PERSON = [IsPerson]
+AGENT = [IsSiteAgent]
+
+
+def _federation(request, pk: int) -> Federation:
+    federation = get_object_or_404(Federation, pk=pk)
+    if not access.can_view_federation(request.user, federation):
+        raise Http404
+    return federation
+
+
+def _require(allowed: bool, message: str) -> None:
+    if not allowed:
+        raise NotAllowed(message)
+
+
+# --- Federations -----------------------------------------------------------------------------
+
+
+@extend_schema(request=s.FederationCreateSerializer, responses=s.FederationSerializer(many=True))
+@api_view(["GET", "POST"])
+@permission_classes(PERSON)
+def federations(request):
+    if request.method == "GET":
+        return Response(s.FederationSerializer(access.federations_visible_to(request.user), many=True).data)
+    _require(access.can_create_federation(request.user), "only staff may create federations")
+    data = _valid(s.FederationCreateSerializer, request)
+    federation = services.federation_create(created_by=request.user, **data)
+    return Response(s.FederationSerializer(federation).data, status=201)
+
+
+@extend_schema(responses=s.FederationSerializer)
+@api_view(["GET"])
+@permission_classes(PERSON)
+def federation_detail(request, pk: int):
+    return Response(s.FederationSerializer(_federation(request, pk)).data)
+
+
+def _valid(serializer_class, request) -> dict:
+    serializer = serializer_class(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    return dict(serializer.validated_data)
+
+
+# --- Sites -------------------------------------------------------------------------------------
+
+
+@extend_schema(
+    request=s.NameSerializer, responses={200: s.SiteSerializer(many=True), 201: s.SiteWithTokenSerializer}
+)
+@api_view(["GET", "POST"])
+@permission_classes(PERSON)
+def sites(request):
+    if request.method == "GET":
+        return Response(s.SiteSerializer(access.sites_visible_to(request.user), many=True).data)
+    _require(access.can_register_site(request.user), "only coordinators may register sites")
+    site, token = services.site_register(
+        name=_valid(s.NameSerializer, request)["name"], registered_by=request.user
+    )
+    return Response({"site": s.SiteSerializer(site).data, "token": token}, status=201)
+
+
+def _site(request, pk: int) -> Site:
+    site = get_object_or_404(Site, pk=pk)
+    if not access.can_view_site(request.user, site):
+        raise Http404
+    return site
+
+
+@extend_schema(responses=s.SiteSerializer)
+@api_view(["GET"])
+@permission_classes(PERSON)
+def site_detail(request, pk: int):
+    return Response(s.SiteSerializer(_site(request, pk)).data)
+
+
+@extend_schema(request=None, responses=s.SiteWithTokenSerializer)
+@api_view(["POST"])
+@permission_classes(PERSON)
+def site_rotate_token(request, pk: int):
+    site = _site(request, pk)
+    _require(access.can_manage_site(request.user, site), "only the site's coordinators may rotate its token")
+    token = services.site_token_rotate(site=site, rotated_by=request.user)
+    return Response({"site": s.SiteSerializer(site).data, "token": token})
+
+
+@extend_schema(request=s.ReasonSerializer, responses=s.SiteSerializer)
+@api_view(["POST"])
+@permission_classes(PERSON)
+def site_revoke(request, pk: int):
+    site = _site(request, pk)
+    _require(access.can_manage_site(request.user, site), "only the site's coordinators may revoke its token")
+    services.site_token_revoke(
+        site=site, revoked_by=request.user, reason=_valid(s.ReasonSerializer, request)["reason"]
+    )
+    return Response(s.SiteSerializer(site).data)
+
+
+# --- Memberships and budgets ------------------------------------------------------------------
+
+
+@extend_schema(request=s.MembershipCreateSerializer, responses=s.MembershipSerializer(many=True))
+@api_view(["GET", "POST"])
+@permission_classes(PERSON)
+def memberships(request, pk: int):
+    federation = _federation(request, pk)
+    if request.method == "GET":
+        visible = list(access.memberships_visible_to(request.user, federation))
+        context = {"balances": selectors.balances_for(visible)}
+        return Response(s.MembershipSerializer(visible, many=True, context=context).data)
+    _require(
+        access.can_coordinate(request.user, federation), "only the federation's coordinators may add sites"
+    )
+    data = _valid(s.MembershipCreateSerializer, request)
+    site = get_object_or_404(Site, pk=data.pop("site"))
+    membership = services.membership_add(federation=federation, site=site, added_by=request.user, **data)
+    context = {"balances": selectors.balances_for([membership])}
+    return Response(s.MembershipSerializer(membership, context=context).data, status=201)
+
+
+def _membership(request, pk: int) -> Membership:
+    membership = get_object_or_404(Membership.objects.select_related("site", "federation"), pk=pk)
+    if not access.can_view_membership(request.user, membership):
+        raise Http404
+    return membership
+
+
+@extend_schema(request=s.BudgetChangeSerializer, responses=s.MembershipSerializer)
+@api_view(["GET", "PATCH"])
+@permission_classes(PERSON)
+def membership_detail(request, pk: int):
+    membership = _membership(request, pk)
+    if request.method == "PATCH":
+        data = _valid(s.BudgetChangeSerializer, request)
+        new_budget = services.epsilon_from_input("budget", data["budget"])
+        refusal = access.budget_change_refusal(request.user, membership, new_budget)
+        _require(refusal is None, refusal or "")
+        membership = services.budget_set(membership=membership, changed_by=request.user, **data)
+    context = {"balances": selectors.balances_for([membership])}
+    return Response(s.MembershipSerializer(membership, context=context).data)
+
+
+# --- Rounds -------------------------------------------------------------------------------------
+
+
+@extend_schema(request=s.RoundLaunchSerializer, responses=s.RoundSerializer(many=True))
+@api_view(["GET", "POST"])
+@permission_classes(PERSON)
+def rounds(request, pk: int):
+    federation = _federation(request, pk)
+    if request.method == "GET":
+        return Response(s.RoundSerializer(federation.rounds.order_by("-number"), many=True).data)
+    _require(
+        access.can_coordinate(request.user, federation),
+        "only the federation's coordinators may launch rounds",
+    )
+    data = _valid(s.RoundLaunchSerializer, request)
+    round_ = services.round_launch(
+        federation=federation, launched_by=request.user, site_ids=data.pop("sites"), **data
+    )
+    return Response(s.RoundSerializer(round_).data, status=201)
+
+
+@extend_schema(
+    request=s.RoundLaunchSerializer, responses=OpenApiResponse(description="Per-site privacy preview")
+)
+@api_view(["POST"])
+@permission_classes(PERSON)
+def round_preview(request, pk: int):
+    federation = _federation(request, pk)
+    _require(
+        access.can_coordinate(request.user, federation),
+        "only the federation's coordinators may launch rounds",
+    )
+    data = _valid(s.RoundLaunchSerializer, request)
+    return Response(privacy_preview.preview(federation=federation, **data))
+
+
+def _round(request, pk: int) -> Round:
+    round_ = get_object_or_404(Round.objects.select_related("federation"), pk=pk)
+    if not access.can_view_round(request.user, round_):
+        raise Http404
+    return round_
+
+
+@extend_schema(responses=s.RoundSerializer)
+@api_view(["GET"])
+@permission_classes(PERSON)
+def round_detail(request, pk: int):
+    round_ = _round(request, pk)
+    tasks = access.tasks_visible_to(request.user, round_)
+    return Response({**s.RoundSerializer(round_).data, "tasks": s.TaskSerializer(tasks, many=True).data})
+
+
+@extend_schema(request=s.ReasonSerializer, responses=s.RoundSerializer)
+@api_view(["POST"])
+@permission_classes(PERSON)
+def round_abort(request, pk: int):
+    round_ = _round(request, pk)
+    _require(
+        access.can_coordinate(request.user, round_.federation),
+        "only the federation's coordinators may abort rounds",
+    )
+    round_ = services.round_abort(
+        round_=round_, aborted_by=request.user, reason=_valid(s.ReasonSerializer, request)["reason"]
+    )
+    return Response(s.RoundSerializer(round_).data)
+
+
+@extend_schema(responses=s.ModelVersionSerializer(many=True))
+@api_view(["GET"])
+@permission_classes(PERSON)
+def versions(request, pk: int):
+    federation = _federation(request, pk)
+    return Response(s.ModelVersionSerializer(federation.versions.order_by("number"), many=True).data)
+
+
+@extend_schema(
+    responses={(200, "application/octet-stream"): OpenApiResponse(description="safetensors weights")}
+)
+@api_view(["GET"])
+def version_weights(request, pk: int):
+    """A model version's weights, for people who may see the federation and for its sites' agents."""
+    version = get_object_or_404(ModelVersion.objects.select_related("federation"), pk=pk)
+    if isinstance(request.user, SiteAgent):
+        if not version.federation.memberships.filter(site=request.user.site).exists():
+            raise Http404
+        touch_site(request.user.site)
+    elif not access.can_view_federation(request.user, version.federation):
+        raise Http404
+    response = FileResponse(storage.path_of(version.path).open("rb"), content_type="application/octet-stream")
+    response["Content-Disposition"] = (
+        f'attachment; filename="{version.federation.name}-v{version.number}.safetensors"'
+    )
+    response["X-Content-SHA256"] = version.sha256
+    return response
+
+
+# --- Ledger and audit ---------------------------------------------------------------------------
+
+
+def _ledger_rows(entries, memberships):
+    budgets = {m.pk: m.budget_epsilon for m in memberships}
+    entries = entries.select_related("membership__site", "round__launched_by").order_by("id")
+    return selectors.ledger_with_balances(entries, budgets)
+
+
+@extend_schema(responses=s.LedgerEntrySerializer(many=True))
+@api_view(["GET"])
+@permission_classes(PERSON)
+def federation_ledger(request, pk: int):
+    federation = _federation(request, pk)
+    visible = list(access.memberships_visible_to(request.user, federation))
+    entries = LedgerEntry.objects.filter(membership__in=visible)
+    return Response(s.LedgerEntrySerializer(_ledger_rows(entries, visible), many=True).data)
+
+
+@extend_schema(responses=s.LedgerEntrySerializer(many=True))
+@api_view(["GET"])
+@permission_classes(PERSON)
+def membership_ledger(request, pk: int):
+    membership = _membership(request, pk)
+    rows = _ledger_rows(LedgerEntry.objects.filter(membership=membership), [membership])
+    return Response(s.LedgerEntrySerializer(rows, many=True).data)
+
+
+@extend_schema(responses=s.AuditEventSerializer(many=True))
+@api_view(["GET"])
+@permission_classes(PERSON)
+def federation_audit(request, pk: int):
+    federation = _federation(request, pk)
+    _require(
+        access.can_read_audit(request.user, federation),
+        "only coordinators and auditors may read the audit log",
+    )
+    events = AuditEvent.objects.filter(federation=federation).select_related("actor", "actor_site")
+    return Response(s.AuditEventSerializer(events, many=True).data)
+
+
+@extend_schema(request=s.NameSerializer, responses=OpenApiResponse(description="The token, shown once"))
+@api_view(["POST"])
+@permission_classes(PERSON)
+def personal_tokens(request):
+    token = services.personal_token_create(user=request.user, name=_valid(s.NameSerializer, request)["name"])
+    return Response({"token": token}, status=201)
+
+
+# --- The agent's side ---------------------------------------------------------------------------
+
+
+def _agent_task(request, pk: int) -> Task:
+    task = get_object_or_404(
+        Task.objects.select_related("round__federation", "round__base_version", "site"), pk=pk
+    )
+    services.assert_site_owns(task, request.user.site)
+    touch_site(request.user.site)
+    return task
+
+
+@extend_schema(responses={200: s.AgentTaskSerializer, 204: None})
+@api_view(["GET"])
+@permission_classes(AGENT)
+def agent_next_task(request):
+    touch_site(request.user.site)
+    task = selectors.next_task_for(request.user.site.pk)
+    if task is None:
+        return Response(status=204)
+    return Response(s.AgentTaskSerializer(task).data)
+
+
+@extend_schema(responses=s.AgentTaskSerializer)
+@api_view(["GET"])
+@permission_classes(AGENT)
+def agent_task(request, pk: int):
+    return Response(s.AgentTaskSerializer(_agent_task(request, pk)).data)
+
+
+@extend_schema(request=s.TaskStatusSerializer, responses=s.TaskSerializer)
+@api_view(["POST"])
+@permission_classes(AGENT)
+def agent_task_status(request, pk: int):
+    task = services.task_report(task=_agent_task(request, pk), **_valid(s.TaskStatusSerializer, request))
+    return Response(s.TaskSerializer(task).data)
+
+
+@extend_schema(
+    request=s.MetricsSerializer, responses=OpenApiResponse(description="How many points were stored")
+)
+@api_view(["POST"])
+@permission_classes(AGENT)
+def agent_task_metrics(request, pk: int):
+    stored = services.metrics_record(
+        task=_agent_task(request, pk), points=_valid(s.MetricsSerializer, request)["points"]
+    )
+    return Response({"stored": stored})
+
+
+class RawBytesParser(BaseParser):
+    media_type = "application/octet-stream"
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        return stream.read()
+
+
+@extend_schema(
+    request={"application/octet-stream": OpenApiResponse(description="an update in safetensors")},
+    responses={
+        200: OpenApiResponse(description="the stored update"),
+        422: OpenApiResponse(description="rejected"),
+    },
+)
+@api_view(["PUT"])
+@permission_classes(AGENT)
+@parser_classes([RawBytesParser])
+def agent_task_update(request, pk: int):
+    update = services.update_accept(task=_agent_task(request, pk), data=request.data)
+    return Response({"update": update.pk, "sha256": update.sha256, "status": update.status})
+
+
+@extend_schema(request=s.HeartbeatSerializer, responses=s.SiteSerializer)
+@api_view(["POST"])
+@permission_classes(AGENT)
+def agent_heartbeat(request):
+    services.site_heartbeat(site=request.user.site, info=_valid(s.HeartbeatSerializer, request)["info"])
+    return Response(s.SiteSerializer(request.user.site).data)
+
+
+def healthz(request):
+    return HttpResponse("ok", content_type="text/plain")

@@ -1,0 +1,140 @@
+"""Websocket consumers: they authenticate, join the groups their user may see, and forward events.
+
+Browsers (session cookie, origin checked): a federation's page joins ``federation-<id>`` for
+coordinators and auditors; a round page joins ``round-<id>``. A site admin joins only the
+``site-<id>`` groups of their own sites, so their socket never carries another site's data.
+Agents (site token in the Authorization header): join their site's group to hear of new tasks,
+and send live metrics, which are stored and forwarded like the HTTP ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from coordinator import access, events, services
+from coordinator.errors import ServiceError
+from coordinator.models import Federation, Round, Task
+
+
+class _ForwardingConsumer(AsyncJsonWebsocketConsumer):
+    groups_joined: list[str]
+    only_round: int | None = None
+
+    async def join(self, groups: list[str]) -> None:
+        self.groups_joined = groups
+        for group in groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+
+    async def disconnect(self, code):
+        for group in getattr(self, "groups_joined", []):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def event_forward(self, message):
+        event = message["event"]
+        # A site admin's round page listens on its site group, which carries all that site's rounds.
+        if self.only_round is not None and event.get("round") not in (None, self.only_round):
+            return
+        await self.send_json(event)
+
+
+@database_sync_to_async
+def _federation_groups(user, federation_id: int) -> list[str] | None:
+    federation = Federation.objects.filter(pk=federation_id).first()
+    if federation is None or not access.can_view_federation(user, federation):
+        return None
+    site_ids = access.site_ids_visible_in(user, federation)
+    if site_ids is None:
+        return [events.federation_group(federation_id)]
+    return [events.site_group(site_id) for site_id in sorted(site_ids)]
+
+
+@database_sync_to_async
+def _round_groups(user, round_id: int) -> list[str] | None:
+    round_ = Round.objects.select_related("federation").filter(pk=round_id).first()
+    if round_ is None or not access.can_view_round(user, round_):
+        return None
+    site_ids = access.site_ids_visible_in(user, round_.federation)
+    if site_ids is None:
+        return [events.round_group(round_id)]
+    return [events.site_group(site_id) for site_id in sorted(site_ids)]
+
+
+class FederationConsumer(_ForwardingConsumer):
+    async def connect(self):
+        groups = await _federation_groups(
+            self.scope.get("user"), self.scope["url_route"]["kwargs"]["federation_id"]
+        )
+        if groups is None:
+            await self.close(code=4403)
+            return
+        await self.join(groups)
+        await self.accept()
+
+
+class RoundConsumer(_ForwardingConsumer):
+    async def connect(self):
+        round_id = self.scope["url_route"]["kwargs"]["round_id"]
+        groups = await _round_groups(self.scope.get("user"), round_id)
+        if groups is None:
+            await self.close(code=4403)
+            return
+        if not groups[0].startswith("round-"):
+            self.only_round = round_id
+        await self.join(groups)
+        await self.accept()
+
+
+def _bearer_token(scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme == "Bearer" else None
+    return None
+
+
+@database_sync_to_async
+def _record_metrics(site, task_id: int, points: list[dict]) -> int:
+    task = Task.objects.select_related("round", "site").filter(pk=task_id).first()
+    if task is None:
+        raise ServiceError(f"there is no task {task_id}")
+    services.assert_site_owns(task, site)
+    return services.metrics_record(task=task, points=points)
+
+
+class AgentConsumer(_ForwardingConsumer):
+    """An agent's live channel: metrics in, task notifications out."""
+
+    async def connect(self):
+        token = _bearer_token(self.scope)
+        self.site = await database_sync_to_async(services.site_authenticate)(token) if token else None
+        if self.site is None:
+            await self.close(code=4401)
+            return
+        await self.join([events.site_group(self.site.pk)])
+        await self.accept()
+        await database_sync_to_async(services.site_heartbeat)(site=self.site)
+
+    async def event_forward(self, message):
+        # An agent needs only to hear that work is waiting; it fetches the rest over HTTP.
+        if message["event"].get("type") in ("task.assigned", "round.state"):
+            await self.send_json(message["event"])
+
+    async def receive_json(self, content, **kwargs):
+        if content.get("type") != "metrics":
+            await self.send_json({"type": "error", "error": f"unknown message type {content.get('type')!r}"})
+            return
+        try:
+            stored = await _record_metrics(
+                self.site, int(content.get("task", 0)), list(content.get("points", []))
+            )
+        except (ServiceError, TypeError, ValueError) as error:
+            await self.send_json({"type": "error", "error": str(error), "seq": content.get("seq")})
+            return
+        await self.send_json({"type": "ack", "stored": stored, "seq": content.get("seq")})
+
+    @classmethod
+    async def decode_json(cls, text_data):
+        return json.loads(text_data)

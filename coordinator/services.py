@@ -1,0 +1,982 @@
+"""Every state change of the domain: one function each, in a transaction, events sent on commit.
+
+Functions are keyword-only and named ``<entity>_<verb>``. They raise the errors in
+coordinator.errors with messages a person can act on; nothing is written when they raise.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from datetime import timedelta
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from coordinator import events, storage, weights
+from coordinator.errors import Conflict, InvalidInput, LaunchRefused, NotAllowed, UpdateRejectedError
+from coordinator.models import (
+    EPSILON_QUANTUM,
+    AuditEvent,
+    Federation,
+    LedgerEntry,
+    LedgerKind,
+    Membership,
+    MetricPoint,
+    ModelVersion,
+    PersonalToken,
+    Round,
+    RoundState,
+    Site,
+    Task,
+    TaskState,
+    Update,
+    UpdateStatus,
+    token_hash,
+)
+from coordinator.selectors import balances_for, open_reservations
+from sitesagent import protocol
+
+DEFAULT_TRAINING = {"local_epochs": 1, "max_iterations": 0, "batch_size": 1, "lr": 1e-4, "roi_size": 64}
+DEFAULT_MODEL = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
+DEFAULT_SVT = {
+    "fraction": 0.1,
+    "gamma": 1e-3,
+    "tau": 1e-4,
+    "eps_threshold": 0.01,
+    "eps_query": 0.49,
+    "eps_release": 0.5,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers from people
+
+
+def epsilon_from_input(name: str, value: Any, *, allow_zero: bool = False) -> Decimal:
+    """A budget or epsilon as an exact decimal, refusing negative, NaN, infinite or malformed values."""
+    try:
+        number = protocol.positive_finite(name, value, allow_zero=allow_zero)
+    except protocol.ProtocolError as error:
+        raise InvalidInput(str(error)) from None
+    try:
+        return Decimal(repr(number)).quantize(EPSILON_QUANTUM, rounding=ROUND_CEILING)
+    except InvalidOperation:
+        raise InvalidInput(f"{name} is too large: {value!r}") from None
+
+
+def round_cost(mechanism: str, params: dict[str, Any]) -> Decimal | None:
+    """The exact, conservatively rounded epsilon a round costs each site (None: no guarantee)."""
+    try:
+        cost = protocol.round_epsilon(mechanism, params)
+    except protocol.ProtocolError as error:
+        raise InvalidInput(str(error)) from None
+    if cost is None:
+        return None
+    # Rounding up: the ledger may over-count a site's spend by 1e-12, never under-count it.
+    return Decimal(repr(cost)).quantize(EPSILON_QUANTUM, rounding=ROUND_CEILING)
+
+
+def _audit(
+    action: str, *, actor=None, actor_site=None, federation=None, site=None, round_=None, reason="", **details
+):
+    AuditEvent.objects.create(
+        action=action,
+        actor=actor,
+        actor_site=actor_site,
+        federation=federation,
+        site=site,
+        round=round_,
+        reason=reason,
+        details=details,
+    )
+
+
+def _require_reason(reason: str) -> str:
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidInput("a reason is required: it goes into the audit log")
+    return reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Federations and model versions
+
+
+def federation_create(
+    *,
+    name: str,
+    created_by,
+    model_config: dict | None = None,
+    model_seed: int = 0,
+    min_sites: int = 1,
+    round_deadline_seconds: int = 3600,
+    default_mechanism: str = protocol.MECHANISM_SVT,
+    default_mechanism_params: dict | None = None,
+    training_defaults: dict | None = None,
+    aggregation_rule: str = "mean",
+    trim_fraction: float = 0.1,
+    update_norm_bound: float | None = None,
+) -> Federation:
+    """Create a federation and its seeded initial model version (version 0)."""
+    name = (name or "").strip()
+    if not name:
+        raise InvalidInput("a federation needs a name")
+    if Federation.objects.filter(name=name).exists():
+        raise Conflict(f"a federation named {name!r} already exists")
+    if min_sites < 1:
+        raise InvalidInput(f"min_sites must be at least 1, not {min_sites}")
+    if round_deadline_seconds < 1:
+        raise InvalidInput(f"round_deadline_seconds must be at least 1, not {round_deadline_seconds}")
+    mechanism_params = default_mechanism_params if default_mechanism_params is not None else dict(DEFAULT_SVT)
+    round_cost(default_mechanism, mechanism_params)  # validates them
+    model_config = dict(model_config if model_config is not None else DEFAULT_MODEL)
+    try:
+        initial = weights.initial_weights(model_config, model_seed)
+    except (TypeError, ValueError) as error:
+        raise InvalidInput(f"model_config is not a valid model: {error}") from None
+    with transaction.atomic():
+        federation = Federation.objects.create(
+            name=name,
+            model_config=model_config,
+            model_seed=model_seed,
+            min_sites=min_sites,
+            round_deadline_seconds=round_deadline_seconds,
+            default_mechanism=default_mechanism,
+            default_mechanism_params=mechanism_params,
+            training_defaults={**DEFAULT_TRAINING, **(training_defaults or {})},
+            aggregation_rule=aggregation_rule,
+            trim_fraction=trim_fraction,
+            update_norm_bound=update_norm_bound,
+            created_by=created_by,
+        )
+        if created_by is not None:
+            federation.coordinators.add(created_by)
+        model_version_store(federation=federation, data=initial, base=None, produced_by=None)
+        _audit("federation.created", actor=created_by, federation=federation, model_config=model_config)
+    return federation
+
+
+def model_version_store(
+    *, federation: Federation, data: bytes, base: ModelVersion | None, produced_by: Round | None
+) -> ModelVersion:
+    path, digest = storage.put("versions", data)
+    number = (federation.versions.aggregate(n=Max("number"))["n"] + 1) if base is not None else 0
+    return ModelVersion.objects.create(
+        federation=federation,
+        number=number,
+        base=base,
+        produced_by=produced_by,
+        path=path,
+        sha256=digest,
+        size_bytes=len(data),
+        n_parameters=weights.parameter_count(weights.bytes_to_state(data)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites and tokens
+
+
+def _new_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def site_register(*, name: str, registered_by) -> tuple[Site, str]:
+    """Register a site; return it and its token, which is shown this once and stored only hashed."""
+    name = (name or "").strip()
+    if not name:
+        raise InvalidInput("a site needs a name")
+    if Site.objects.filter(name=name).exists():
+        raise Conflict(f"a site named {name!r} already exists")
+    token = _new_secret(protocol.SITE_TOKEN_PREFIX)
+    with transaction.atomic():
+        site = Site.objects.create(name=name, token_hash=token_hash(token), created_by=registered_by)
+        _audit("site.registered", actor=registered_by, site=site)
+    return site, token
+
+
+def site_token_rotate(*, site: Site, rotated_by) -> str:
+    """Replace the site's token (the old one stops working at once, and a revoked site is restored)."""
+    token = _new_secret(protocol.SITE_TOKEN_PREFIX)
+    with transaction.atomic():
+        site.token_hash = token_hash(token)
+        site.token_rotated_at = timezone.now()
+        site.revoked_at = None
+        site.save(update_fields=["token_hash", "token_rotated_at", "revoked_at"])
+        _audit("site.token_rotated", actor=rotated_by, site=site)
+    return token
+
+
+def site_token_revoke(*, site: Site, revoked_by, reason: str = "") -> None:
+    with transaction.atomic():
+        site.revoked_at = timezone.now()
+        site.save(update_fields=["revoked_at"])
+        _audit("site.token_revoked", actor=revoked_by, site=site, reason=reason)
+
+
+def site_admin_add(*, site: Site, user, added_by) -> None:
+    with transaction.atomic():
+        site.admins.add(user)
+        _audit("site.admin_added", actor=added_by, site=site, user=user.get_username())
+
+
+def site_authenticate(token: str) -> Site | None:
+    """The site a bearer token belongs to, or None when it is unknown or revoked."""
+    site = Site.objects.filter(token_hash=token_hash(token), revoked_at__isnull=True).first()
+    return site
+
+
+def site_heartbeat(*, site: Site, info: dict | None = None) -> None:
+    """Record that the agent is alive, and what it says about itself (device, cases, data check)."""
+    site.last_seen_at = timezone.now()
+    fields = ["last_seen_at"]
+    if info:
+        site.agent_info = {**site.agent_info, **info}
+        fields.append("agent_info")
+    site.save(update_fields=fields)
+    events.send_now(
+        [events.site_group(site.pk)]
+        + [events.federation_group(f) for f in site.memberships.values_list("federation_id", flat=True)],
+        {"type": "site.seen", "site": site.pk, "at": site.last_seen_at.isoformat(), "info": site.agent_info},
+    )
+
+
+def personal_token_create(*, user, name: str) -> str:
+    token = _new_secret(protocol.USER_TOKEN_PREFIX)
+    PersonalToken.objects.create(user=user, name=name or "api", token_hash=token_hash(token))
+    return token
+
+
+# ---------------------------------------------------------------------------------------------
+# Memberships and budgets
+
+
+def membership_add(
+    *,
+    federation: Federation,
+    site: Site,
+    budget: Any,
+    allows_unprotected_sharing: bool = False,
+    added_by,
+    reason: str,
+) -> Membership:
+    reason = _require_reason(reason)
+    budget_value = epsilon_from_input("budget", budget)
+    with transaction.atomic():
+        if Membership.objects.filter(federation=federation, site=site).exists():
+            raise Conflict(f"{site} is already in {federation}")
+        membership = Membership.objects.create(
+            federation=federation,
+            site=site,
+            budget_epsilon=budget_value,
+            allows_unprotected_sharing=allows_unprotected_sharing,
+        )
+        _audit(
+            "membership.added",
+            actor=added_by,
+            federation=federation,
+            site=site,
+            reason=reason,
+            budget=str(budget_value),
+            allows_unprotected_sharing=allows_unprotected_sharing,
+        )
+    return membership
+
+
+def budget_set(
+    *,
+    membership: Membership,
+    budget: Any,
+    changed_by,
+    reason: str,
+    allows_unprotected_sharing: bool | None = None,
+) -> Membership:
+    """Change a site's budget (never below what it already committed), audited with a reason."""
+    reason = _require_reason(reason)
+    new_budget = epsilon_from_input("budget", budget)
+    with transaction.atomic():
+        membership = Membership.objects.select_for_update().get(pk=membership.pk)
+        committed = balances_for([membership])[membership.pk].committed
+        if new_budget < committed:
+            raise InvalidInput(
+                f"budget {new_budget.normalize()} is below the {committed.normalize()} epsilon "
+                f"{membership.site} has already spent in {membership.federation}"
+            )
+        old_budget = membership.budget_epsilon
+        membership.budget_epsilon = new_budget
+        fields = ["budget_epsilon"]
+        if allows_unprotected_sharing is not None:
+            membership.allows_unprotected_sharing = allows_unprotected_sharing
+            fields.append("allows_unprotected_sharing")
+        membership.save(update_fields=fields)
+        _audit(
+            "budget.changed",
+            actor=changed_by,
+            federation=membership.federation,
+            site=membership.site,
+            reason=reason,
+            old=str(old_budget),
+            new=str(new_budget),
+            allows_unprotected_sharing=membership.allows_unprotected_sharing,
+        )
+        events.send_on_commit(
+            events.site_scoped_groups(
+                federation_id=membership.federation_id, round_id=None, site_id=membership.site_id
+            ),
+            {"type": "budget.changed", "site": membership.site_id, "budget": str(new_budget)},
+        )
+    return membership
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounds
+
+
+def _training_params(federation: Federation, overrides: dict | None) -> dict:
+    params = {**DEFAULT_TRAINING, **federation.training_defaults, **(overrides or {})}
+    for name in ("local_epochs", "max_iterations", "batch_size", "roi_size"):
+        value = params.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(
+                f"training parameter {name} must be a whole number, zero or more, not {value!r}"
+            )
+    if params["local_epochs"] == 0 and params["max_iterations"] == 0:
+        raise InvalidInput("training needs local_epochs or max_iterations above zero")
+    if params["batch_size"] < 1 or params["roi_size"] < 8:
+        raise InvalidInput("batch_size must be at least 1 and roi_size at least 8")
+    lr = params.get("lr")
+    try:
+        protocol.positive_finite("lr", lr)
+    except protocol.ProtocolError as error:
+        raise InvalidInput(str(error)) from None
+    return params
+
+
+def _exclusion_reason(
+    membership: Membership | None, site: Site, cost: Decimal | None, remaining: Decimal | None, mechanism: str
+) -> str | None:
+    if membership is None:
+        return f"{site} is not a member of this federation"
+    if site.is_revoked:
+        return f"{site}'s token is revoked"
+    if cost is None and not membership.allows_unprotected_sharing:
+        return f"{site} does not allow unprotected sharing ({mechanism} has no formal guarantee)"
+    if cost is not None and remaining is not None and remaining < cost:
+        return f"{site} has {remaining.normalize()} epsilon left, this round costs {cost.normalize()}"
+    return None
+
+
+def round_launch(
+    *,
+    federation: Federation,
+    launched_by,
+    site_ids: list[int] | None = None,
+    mechanism: str | None = None,
+    mechanism_params: dict | None = None,
+    training_params: dict | None = None,
+    deadline_seconds: int | None = None,
+    min_sites: int | None = None,
+) -> Round:
+    """Launch a round: reserve each asked site's epsilon, all in one transaction (DESIGN 5.1).
+
+    Sites without budget (or not allowing an unprotected mechanism) are left out with the reason
+    recorded on the round. With fewer than the minimum left, nothing is written and
+    LaunchRefused names every site and its balance.
+    """
+    mechanism = mechanism or federation.default_mechanism
+    params = mechanism_params if mechanism_params is not None else federation.default_mechanism_params
+    cost = round_cost(mechanism, params)
+    clean_params = protocol.validate_mechanism(mechanism, params)
+    training = _training_params(federation, training_params)
+    deadline_seconds = deadline_seconds or federation.round_deadline_seconds
+    if deadline_seconds < 1:
+        raise InvalidInput(f"deadline_seconds must be at least 1, not {deadline_seconds}")
+    min_sites = min_sites or federation.min_sites
+
+    with transaction.atomic():
+        # One launch per federation at a time: the balances read below cannot change under us.
+        federation = Federation.objects.select_for_update().get(pk=federation.pk)
+        memberships = {
+            m.site_id: m for m in federation.memberships.select_for_update().select_related("site")
+        }
+        asked = site_ids if site_ids is not None else sorted(memberships)
+        if not asked:
+            raise LaunchRefused(f"{federation} has no sites to ask")
+        balances = balances_for(memberships.values())
+        included, excluded = [], []
+        for site_id in asked:
+            membership = memberships.get(site_id)
+            site = membership.site if membership else Site.objects.filter(pk=site_id).first()
+            if site is None:
+                raise InvalidInput(f"there is no site with id {site_id}")
+            remaining = balances[membership.pk].remaining if membership else None
+            reason = _exclusion_reason(membership, site, cost, remaining, mechanism)
+            if reason:
+                excluded.append(
+                    {
+                        "site": site.pk,
+                        "name": site.name,
+                        "reason": reason,
+                        "remaining": str(remaining) if remaining is not None else None,
+                    }
+                )
+            else:
+                included.append(membership)
+        if len(included) < min_sites:
+            lines = "; ".join(e["reason"] for e in excluded)
+            raise LaunchRefused(
+                f"only {len(included)} of the asked sites can take part, the minimum is {min_sites}: {lines}",
+                details={"excluded": excluded},
+            )
+        base = federation.latest_version()
+        number = (federation.rounds.aggregate(n=Max("number"))["n"] or 0) + 1
+        round_ = Round.objects.create(
+            federation=federation,
+            number=number,
+            base_version=base,
+            mechanism=mechanism,
+            mechanism_params=clean_params,
+            epsilon_per_site=cost,
+            training_params=training,
+            min_sites=min_sites,
+            deadline=timezone.now() + timedelta(seconds=deadline_seconds),
+            excluded_sites=excluded,
+            launched_by=launched_by,
+        )
+        for membership in included:
+            Task.objects.create(round=round_, site=membership.site)
+            LedgerEntry.objects.create(
+                membership=membership,
+                round=round_,
+                kind=LedgerKind.RESERVE,
+                epsilon=cost,
+                mechanism=mechanism,
+                mechanism_params=clean_params,
+                actor=launched_by,
+                reason=f"round {number} launched",
+            )
+        _audit(
+            "round.launched",
+            actor=launched_by,
+            federation=federation,
+            round_=round_,
+            mechanism=mechanism,
+            params=clean_params,
+            epsilon=str(cost) if cost is not None else None,
+            sites=[m.site.name for m in included],
+            excluded=excluded,
+        )
+        _send_round_event(round_)
+        for membership in included:
+            events.send_on_commit(
+                [events.site_group(membership.site_id)], {"type": "task.assigned", "round": round_.pk}
+            )
+    return round_
+
+
+def _send_round_event(round_: Round) -> None:
+    events.send_on_commit(
+        [events.federation_group(round_.federation_id), events.round_group(round_.pk)]
+        + [events.site_group(s) for s in round_.tasks.values_list("site_id", flat=True)],
+        {
+            "type": "round.state",
+            "round": round_.pk,
+            "number": round_.number,
+            "state": round_.state,
+            "reason": round_.failure_reason,
+        },
+    )
+
+
+def _send_task_event(task: Task) -> None:
+    round_ = task.round
+    events.send_on_commit(
+        events.site_scoped_groups(
+            federation_id=round_.federation_id, round_id=round_.pk, site_id=task.site_id
+        ),
+        {
+            "type": "task.state",
+            "round": round_.pk,
+            "task": task.pk,
+            "site": task.site_id,
+            "site_name": task.site.name,
+            "state": task.state,
+            "progress": task.progress,
+            "reason": task.reason,
+        },
+    )
+
+
+def _release_open_reservations(round_: Round, *, reason: str, site_ids: set[int] | None = None) -> None:
+    for reservation in open_reservations(round_):
+        if site_ids is not None and reservation.membership.site_id not in site_ids:
+            continue
+        LedgerEntry.objects.create(
+            membership_id=reservation.membership_id,
+            round=round_,
+            kind=LedgerKind.RELEASE,
+            epsilon=reservation.epsilon,
+            mechanism=reservation.mechanism,
+            mechanism_params=reservation.mechanism_params,
+            reason=reason,
+        )
+
+
+def _round_finish(round_: Round, *, state: RoundState, reason: str = "") -> None:
+    """Move an open round to a final state, drop unfinished tasks, release unused reservations."""
+    round_.state = state
+    round_.finished_at = timezone.now()
+    round_.failure_reason = reason
+    round_.save(update_fields=["state", "finished_at", "failure_reason"])
+    for task in round_.tasks.select_related("site").exclude(
+        state__in=[TaskState.UPLOADED, TaskState.DROPPED]
+    ):
+        task.state = TaskState.DROPPED
+        task.reason = reason or f"round {state}"
+        task.updated_at = timezone.now()
+        task.save(update_fields=["state", "reason", "updated_at"])
+        _send_task_event(task)
+    _release_open_reservations(round_, reason=f"round {state}" + (f": {reason}" if reason else ""))
+    _send_round_event(round_)
+
+
+def round_abort(*, round_: Round, aborted_by, reason: str) -> Round:
+    reason = _require_reason(reason)
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().get(pk=round_.pk)
+        if not round_.is_open:
+            raise Conflict(f"{round_} is already {round_.state}")
+        _round_finish(round_, state=RoundState.ABORTED, reason=reason)
+        _audit("round.aborted", actor=aborted_by, federation=round_.federation, round_=round_, reason=reason)
+    return round_
+
+
+def round_fail(*, round_id: int, reason: str) -> Round:
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().get(pk=round_id)
+        if round_.is_open:
+            _round_finish(round_, state=RoundState.FAILED, reason=reason)
+            _audit("round.failed", federation=round_.federation, round_=round_, reason=reason)
+    return round_
+
+
+def round_check_completion(*, round_id: int) -> str:
+    """Start aggregation once every task is finished; fail the round when too few uploaded.
+
+    Returns what happened: "waiting", "aggregating", "failed" or the round's final state.
+    """
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().get(pk=round_id)
+        if round_.state not in (RoundState.RESERVED, RoundState.TRAINING):
+            return round_.state
+        states = list(round_.tasks.values_list("state", flat=True))
+        if any(s not in (TaskState.UPLOADED, TaskState.DROPPED) for s in states):
+            return "waiting"
+        accepted = Update.objects.filter(task__round=round_, status=UpdateStatus.ACCEPTED).count()
+        if accepted < round_.min_sites:
+            reason = f"only {accepted} accepted update(s), the round needs at least {round_.min_sites}"
+            _round_finish(round_, state=RoundState.FAILED, reason=reason)
+            _audit("round.failed", federation=round_.federation, round_=round_, reason=reason)
+            return "failed"
+        round_.state = RoundState.AGGREGATING
+        round_.save(update_fields=["state"])
+        _send_round_event(round_)
+        _enqueue_aggregation(round_.pk)
+        return "aggregating"
+
+
+def _enqueue_aggregation(round_id: int) -> None:
+    from coordinator.tasks import round_aggregate_task
+
+    transaction.on_commit(lambda: round_aggregate_task.delay(round_id))
+
+
+def rounds_enforce_deadlines(*, now=None) -> list[int]:
+    """Drop the unfinished tasks of every open round past its deadline, then complete or fail it."""
+    now = now or timezone.now()
+    overdue = list(
+        Round.objects.filter(
+            state__in=[RoundState.RESERVED, RoundState.TRAINING], deadline__lte=now
+        ).values_list("pk", flat=True)
+    )
+    for round_id in overdue:
+        with transaction.atomic():
+            round_ = Round.objects.select_for_update().get(pk=round_id)
+            if round_.state not in (RoundState.RESERVED, RoundState.TRAINING):
+                continue
+            for task in round_.tasks.select_related("site", "round").exclude(
+                state__in=[TaskState.UPLOADED, TaskState.DROPPED]
+            ):
+                _task_drop(task, reason="the round's deadline passed before this site uploaded")
+        round_check_completion(round_id=round_id)
+    return overdue
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: what agents report
+
+_TASK_ORDER = [TaskState.ASSIGNED, TaskState.EVALUATING, TaskState.TRAINING]
+
+
+def _task_drop(task: Task, *, reason: str) -> None:
+    task.state = TaskState.DROPPED
+    task.reason = reason
+    task.updated_at = timezone.now()
+    task.save(update_fields=["state", "reason", "updated_at"])
+    _release_open_reservations(task.round, reason=f"task dropped: {reason}", site_ids={task.site_id})
+    _send_task_event(task)
+
+
+def task_report(*, task: Task, state: str, progress: float | None = None, reason: str = "") -> Task:
+    """An agent moves its task forward (assigned -> evaluating -> training), or drops it with a reason.
+
+    Reporting the current state again is harmless (an agent resuming after a restart does it).
+    """
+    if state not in (*_TASK_ORDER, TaskState.DROPPED):
+        raise InvalidInput(f"state must be one of evaluating, training or dropped, not {state!r}")
+    if progress is not None and (not math.isfinite(progress) or not 0 <= progress <= 1):
+        raise InvalidInput(f"progress must be between 0 and 1, not {progress}")
+    with transaction.atomic():
+        task = Task.objects.select_for_update().select_related("round", "site").get(pk=task.pk)
+        if not task.round.is_open or task.state in (TaskState.UPLOADED, TaskState.DROPPED):
+            raise Conflict(f"this task is already {task.state} (round {task.round.state})")
+        if state == TaskState.DROPPED:
+            _task_drop(task, reason=(reason or "dropped by the site").strip()[:1000])
+            _audit(
+                "task.dropped",
+                actor_site=task.site,
+                federation=task.round.federation,
+                site=task.site,
+                round_=task.round,
+                reason=task.reason,
+            )
+        else:
+            if _TASK_ORDER.index(state) < _TASK_ORDER.index(task.state):
+                raise Conflict(f"this task is already {task.state}; it cannot go back to {state}")
+            task.state = state
+            if progress is not None:
+                task.progress = progress
+            task.updated_at = timezone.now()
+            task.save(update_fields=["state", "progress", "updated_at"])
+            _send_task_event(task)
+            if task.round.state == RoundState.RESERVED and state != TaskState.ASSIGNED:
+                task.round.state = RoundState.TRAINING
+                task.round.save(update_fields=["state"])
+                _send_round_event(task.round)
+    if state == TaskState.DROPPED:
+        round_check_completion(round_id=task.round_id)
+    return task
+
+
+def update_accept(*, task: Task, data: bytes) -> Update:
+    """Store a site's update and commit the epsilon reserved for it, exactly once.
+
+    A retried upload of the same bytes returns the stored update and commits nothing more.
+    Bytes that are no update at all are refused with nothing stored, so the agent can retry.
+    An update that decodes but breaks the round's rules (mechanism, sparsity, bounds) is
+    recorded as rejected with its reason, and its epsilon is committed all the same: its values
+    left the site. The round goes on without it.
+    """
+    from sitesagent.updates import UpdateError, decode_update
+
+    from coordinator.aggregation import UpdateRejected, validate_update
+
+    digest = storage.sha256_of(data)
+    existing = Update.objects.filter(task=task).first()
+    if existing is not None:
+        return _retried_upload(existing, digest)
+    try:
+        decoded = decode_update(data, max_bytes=_max_update_bytes())
+    except UpdateError as error:
+        raise InvalidInput(f"the upload is not a valid update: {error}") from None
+
+    round_ = task.round
+    rejection = None
+    try:
+        validate_update(
+            decoded,
+            n_parameters=round_.base_version.n_parameters,
+            mechanism=round_.mechanism,
+            params=round_.mechanism_params,
+        )
+    except UpdateRejected as error:
+        rejection = str(error)
+
+    path, _ = storage.put("updates", data)
+    with transaction.atomic():
+        task = Task.objects.select_for_update().select_related("round", "site").get(pk=task.pk)
+        existing = Update.objects.filter(task=task).first()
+        if existing is not None:
+            return _retried_upload(existing, digest)
+        if (
+            not task.round.is_open
+            or task.round.state == RoundState.AGGREGATING
+            or task.state == TaskState.DROPPED
+        ):
+            raise Conflict(
+                f"this task no longer takes an update (task {task.state}, round {task.round.state})"
+            )
+        update = Update.objects.create(
+            task=task,
+            path=path,
+            sha256=digest,
+            size_bytes=len(data),
+            encoding=decoded.encoding,
+            n_values=int(decoded.values.numel()) if hasattr(decoded.values, "numel") else len(decoded.values),
+            n_iterations=decoded.n_iterations,
+            n_cases=decoded.n_cases,
+            mechanism=decoded.mechanism,
+            mechanism_params=decoded.params,
+            status=UpdateStatus.REJECTED if rejection else UpdateStatus.ACCEPTED,
+            rejection_reason=rejection or "",
+        )
+        _commit_reservation(task, reason="update rejected: " + rejection if rejection else "update accepted")
+        task.state = TaskState.DROPPED if rejection else TaskState.UPLOADED
+        task.progress = 1.0
+        task.reason = f"update rejected: {rejection}" if rejection else ""
+        task.updated_at = timezone.now()
+        task.save(update_fields=["state", "progress", "reason", "updated_at"])
+        _send_task_event(task)
+        if rejection:
+            _audit(
+                "update.rejected",
+                actor_site=task.site,
+                federation=task.round.federation,
+                site=task.site,
+                round_=task.round,
+                reason=rejection,
+            )
+        transaction.on_commit(lambda: round_check_completion(round_id=task.round_id))
+    if rejection:
+        raise UpdateRejectedError(f"the update was rejected: {rejection}", details={"update": update.pk})
+    return update
+
+
+def _retried_upload(existing: Update, digest: str) -> Update:
+    if existing.sha256 != digest:
+        raise Conflict("this task already has a different update; an update is uploaded once")
+    if existing.status == UpdateStatus.REJECTED:
+        raise UpdateRejectedError(
+            f"the update was rejected: {existing.rejection_reason}", details={"update": existing.pk}
+        )
+    return existing
+
+
+def _max_update_bytes() -> int:
+    from django.conf import settings
+
+    return settings.MAX_UPDATE_BYTES
+
+
+def _commit_reservation(task: Task, *, reason: str) -> None:
+    reservation = LedgerEntry.objects.filter(
+        round=task.round, membership__site=task.site, kind=LedgerKind.RESERVE
+    ).first()
+    if reservation is None:
+        raise Conflict("this task holds no reservation")
+    try:
+        with transaction.atomic():
+            LedgerEntry.objects.create(
+                membership_id=reservation.membership_id,
+                round=task.round,
+                kind=LedgerKind.COMMIT,
+                epsilon=reservation.epsilon,
+                mechanism=reservation.mechanism,
+                mechanism_params=reservation.mechanism_params,
+                actor_site=task.site,
+                reason=reason,
+            )
+    except IntegrityError:
+        # The unique (membership, round, kind) constraint: it was committed already.
+        pass
+
+
+def metrics_record(*, task: Task, points: list[dict]) -> int:
+    """Store metric points an agent sent for its task, and forward them live."""
+    clean = []
+    for point in points:
+        name = str(point.get("name", ""))[:64]
+        try:
+            value = float(point["value"])
+            step = int(point.get("step", 0))
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput(
+                f"a metric point needs a name, a numeric value and an integer step: {point!r}"
+            ) from None
+        if not name or not math.isfinite(value):
+            raise InvalidInput(
+                f"metric {name or '(no name)'} needs a finite value, not {point.get('value')!r}"
+            )
+        clean.append(
+            MetricPoint(
+                federation_id=task.round.federation_id,
+                round=task.round,
+                site=task.site,
+                name=name,
+                step=step,
+                value=value,
+            )
+        )
+    MetricPoint.objects.bulk_create(clean)
+    events.send_now(
+        events.site_scoped_groups(
+            federation_id=task.round.federation_id, round_id=task.round_id, site_id=task.site_id
+        ),
+        {
+            "type": "metrics",
+            "round": task.round_id,
+            "site": task.site_id,
+            "site_name": task.site.name,
+            "points": [{"name": p.name, "step": p.step, "value": p.value} for p in clean],
+        },
+    )
+    return len(clean)
+
+
+def assert_site_owns(task: Task, site: Site) -> None:
+    if task.site_id != site.pk:
+        raise NotAllowed("this task belongs to another site")
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation (run by a Celery worker)
+
+
+class TransientAggregationError(Exception):
+    """Worth retrying: a blob could not be read, the database was briefly unavailable."""
+
+
+def _load_accepted_updates(round_: Round) -> list[tuple[Update, Any]]:
+    from sitesagent.updates import decode_update
+
+    loaded = []
+    for update in Update.objects.filter(task__round=round_, status=UpdateStatus.ACCEPTED).select_related(
+        "task__site"
+    ):
+        try:
+            data = storage.get(update.path, expected_sha256=update.sha256)
+        except FileNotFoundError as error:
+            raise TransientAggregationError(f"the stored update {update.pk} is missing: {error}") from error
+        loaded.append((update, decode_update(data)))
+    return loaded
+
+
+def _reject_at_aggregation(update: Update, reason: str) -> None:
+    update.status = UpdateStatus.REJECTED
+    update.rejection_reason = reason
+    update.save(update_fields=["status", "rejection_reason"])
+    _audit(
+        "update.rejected",
+        federation=update.task.round.federation,
+        site=update.task.site,
+        round_=update.task.round,
+        reason=reason,
+    )
+
+
+def round_aggregate(*, round_id: int) -> str:
+    """Aggregate a round's accepted updates into its one new model version.
+
+    Safe to run twice, or again after a worker died mid-way: the arithmetic happens outside any
+    lock, and only the run that finds the round still aggregating (under its row lock) stores
+    the version; the version's one-to-one link to the round makes a second one impossible.
+    """
+    from django.conf import settings
+
+    from coordinator.aggregation import UpdateRejected, aggregate, validate_update
+
+    round_ = Round.objects.select_related("federation", "base_version").get(pk=round_id)
+    if round_.state != RoundState.AGGREGATING:
+        return f"round already {round_.state}"
+    federation = round_.federation
+    base_state = weights.bytes_to_state(storage.get(round_.base_version.path, round_.base_version.sha256))
+    usable = []
+    for update, decoded in _load_accepted_updates(round_):
+        try:
+            validate_update(
+                decoded,
+                n_parameters=round_.base_version.n_parameters,
+                mechanism=round_.mechanism,
+                params=round_.mechanism_params,
+            )
+            usable.append(decoded)
+        except UpdateRejected as error:
+            with transaction.atomic():
+                _reject_at_aggregation(update, str(error))
+    if len(usable) < round_.min_sites:
+        round_fail(
+            round_id=round_id,
+            reason=f"only {len(usable)} valid update(s) at aggregation, the round needs {round_.min_sites}",
+        )
+        return "failed"
+    flat = aggregate(
+        weights.flatten(base_state),
+        usable,
+        rule=federation.aggregation_rule,
+        trim_fraction=federation.trim_fraction,
+        norm_bound=federation.update_norm_bound,
+        device=settings.AGGREGATION_DEVICE,
+    )
+    data = weights.state_to_bytes(weights.unflatten(flat, base_state))
+    return _round_store_result(round_id=round_id, data=data)
+
+
+def _round_store_result(*, round_id: int, data: bytes) -> str:
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().select_related("federation").get(pk=round_id)
+        if round_.state != RoundState.AGGREGATING or ModelVersion.objects.filter(produced_by=round_).exists():
+            return f"round already {round_.state}"
+        version = model_version_store(
+            federation=round_.federation, data=data, base=round_.base_version, produced_by=round_
+        )
+        round_.state = RoundState.DONE
+        round_.finished_at = timezone.now()
+        round_.save(update_fields=["state", "finished_at"])
+        _release_open_reservations(round_, reason="round done")
+        _send_round_event(round_)
+        events.send_on_commit(
+            [events.federation_group(round_.federation_id)],
+            {"type": "version.created", "round": round_.pk, "version": version.pk, "number": version.number},
+        )
+        _launch_next_if_back_to_back(round_)
+    return f"version {version.number}"
+
+
+def _launch_next_if_back_to_back(round_: Round) -> None:
+    federation = Federation.objects.select_for_update().get(pk=round_.federation_id)
+    if federation.auto_rounds_remaining < 1:
+        return
+    federation.auto_rounds_remaining -= 1
+    federation.save(update_fields=["auto_rounds_remaining"])
+    sites = list(round_.tasks.values_list("site_id", flat=True))
+    params = dict(
+        federation=federation,
+        launched_by=round_.launched_by,
+        site_ids=sites,
+        mechanism=round_.mechanism,
+        mechanism_params=round_.mechanism_params,
+        training_params=round_.training_params,
+    )
+
+    def launch() -> None:
+        try:
+            round_launch(**params)
+        except LaunchRefused as error:
+            _audit("rounds.back_to_back_stopped", federation=federation, reason=error.message)
+
+    transaction.on_commit(launch)
+
+
+def federation_run_rounds(*, federation: Federation, count: int, started_by, **launch: Any) -> Round:
+    """Launch a round now and ``count - 1`` more, each as soon as the one before it is done."""
+    if count < 1:
+        raise InvalidInput(f"count must be at least 1, not {count}")
+    with transaction.atomic():
+        federation.auto_rounds_remaining = count - 1
+        federation.save(update_fields=["auto_rounds_remaining"])
+        _audit("rounds.back_to_back", actor=started_by, federation=federation, count=count)
+        return round_launch(federation=federation, launched_by=started_by, **launch)
