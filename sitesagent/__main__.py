@@ -1,0 +1,3 @@
+from sitesagent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""The agent loop: the client moves messages, the training code trains, and this joins them.
+
+One task, start to finish (DESIGN section 5):
+  refuse it if the site's own rules forbid it -> download the base model -> evaluate it on the
+  validation cases -> train -> delta / N_k -> privacy mechanism -> values * N_k -> remember the
+  spend and the bytes -> upload (retried; the coordinator commits epsilon once).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sitesagent import protocol
+from sitesagent.client import Client, CoordinatorError, LiveChannel
+from sitesagent.state import AgentState, LocalCapExceeded
+
+log = logging.getLogger("sitesagent")
+
+
+@dataclass
+class AgentConfig:
+    server: str
+    token: str
+    data: Path
+    device: str = "auto"
+    max_epsilon: float | None = None
+    allow_unprotected: bool = False
+    state_file: Path | None = None
+    poll_seconds: float = 10.0
+    progress_bar: bool = True
+    seed: int = 0
+
+
+class TaskRefused(Exception):
+    """The site's own rules forbid this task; the reason goes back to the coordinator."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.client = Client(config.server, config.token)
+        self.state = AgentState.load(config.state_file or config.data / ".sitesagent-state.json")
+        self.channel = LiveChannel(self.client)
+        self._dataset: Any = None
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self, *, once: bool = False) -> int:
+        from sitesagent.data import DataError
+
+        try:
+            self._dataset = self._load_dataset()
+        except DataError as error:
+            log.error("the site's data cannot be used: %s", error)
+            return 2
+        self.channel.start()
+        try:
+            self.client.heartbeat(self._describe())
+            while True:
+                task = self.client.next_task()
+                if task is None:
+                    self.channel.task_waiting.wait(timeout=self.config.poll_seconds)
+                    self.channel.task_waiting.clear()
+                    continue
+                self.run_task(task)
+                if once:
+                    return 0
+        except KeyboardInterrupt:
+            log.info("stopped; an unfinished task resumes when the agent starts again")
+            return 130
+        finally:
+            self.channel.stop()
+            self.client.close()
+
+    def run_task(self, task: dict[str, Any]) -> str:
+        task_id = task["task"]
+        epsilon = float(task["epsilon"]) if task["epsilon"] is not None else None
+        try:
+            self._check_site_rules(task, epsilon)
+        except TaskRefused as refusal:
+            log.warning("refusing task %s: %s", task_id, refusal)
+            self.state.record_refused(task_id, str(refusal))
+            self.client.report(task_id, protocol.TASK_DROPPED, reason=f"refused by the site: {refusal}")
+            return "refused"
+        update_file = self._update_file(task_id)
+        if self.state.task(task_id).get("status") != "pending_upload" or not update_file.exists():
+            data = self._train_and_protect(task)
+            update_file.parent.mkdir(parents=True, exist_ok=True)
+            update_file.write_bytes(data)
+            self.state.record_pending_upload(task_id, epsilon=epsilon, update_file=update_file)
+        return self._upload(task_id, update_file)
+
+    def _check_site_rules(self, task: dict[str, Any], epsilon: float | None) -> None:
+        if task["mechanism"] in protocol.UNPROTECTED_MECHANISMS and not self.config.allow_unprotected:
+            raise TaskRefused(
+                f"the round uses {task['mechanism']!r}, which has no formal privacy guarantee, and this "
+                "site does not allow unprotected sharing (--allow-unprotected)"
+            )
+        if self.state.task(task["task"]).get("status") == "pending_upload":
+            return  # already counted
+        try:
+            self.state.check_cap(epsilon, self.config.max_epsilon)
+        except LocalCapExceeded as error:
+            raise TaskRefused(str(error)) from None
+
+    def _update_file(self, task_id: int) -> Path:
+        return self.state.path.parent / ".sitesagent-updates" / f"task-{task_id}.safetensors"
+
+    def _upload(self, task_id: int, update_file: Path) -> str:
+        try:
+            answer = self.client.upload(task_id, update_file.read_bytes())
+        except CoordinatorError as error:
+            log.error("the coordinator did not take the update for task %s: %s", task_id, error.message)
+            if error.status in (409, 422):
+                self.state.record_uploaded(task_id)  # it has it, or will never take it: do not resend
+            return "rejected"
+        self.state.record_uploaded(task_id)
+        log.info("task %s: update uploaded (%s)", task_id, answer.get("status"))
+        return "uploaded"
+
+    # --- training -----------------------------------------------------------------------
+
+    def _load_dataset(self):
+        from sitesagent.data import check_dataset, discover_cases, split_cases
+
+        cases = discover_cases(self.config.data)
+        train_cases, val_cases = split_cases(cases, val_fraction=0.2, seed=self.config.seed)
+        check = check_dataset(self.config.data)
+        return {"train": train_cases, "val": val_cases, "check": check}
+
+    def _describe(self) -> dict[str, Any]:
+        from sitesagent.training import resolve_device
+
+        device = resolve_device(self.config.device)
+        check = self._dataset["check"]
+        return {
+            "device": str(device),
+            "host": platform.node(),
+            "cases": len(self._dataset["train"]) + len(self._dataset["val"]),
+            "train_cases": len(self._dataset["train"]),
+            "validation_cases": len(self._dataset["val"]),
+            "data_check": check.as_dict() if hasattr(check, "as_dict") else dict(check),
+            "max_epsilon": self.config.max_epsilon,
+            "spent_epsilon": self.state.spent_epsilon,
+            "allows_unprotected": self.config.allow_unprotected,
+        }
+
+    def _train_and_protect(self, task: dict[str, Any]) -> bytes:
+        import torch
+
+        from sitesagent.model import ModelConfig, build_model, state_to_flat
+        from safetensors.torch import load as load_safetensors
+
+        from sitesagent.training import evaluate, train
+        from sitesagent.updates import encode_update
+
+        task_id = task["task"]
+        base_state = load_safetensors(self.client.weights(task["base_version"], task["base_version_sha256"]))
+        model = build_model(ModelConfig.from_dict(task["model_config"]), seed=0)
+        model.load_state_dict(base_state)
+        config = self._train_config(task)
+
+        self.client.report(task_id, protocol.TASK_EVALUATING, progress=0.0)
+        scores = evaluate(model, self._dataset["val"], config)
+        for name in protocol.METRIC_DICE:
+            if name in scores:
+                self.channel.send(task_id, name, task["round_number"], float(scores[name]))
+
+        self.client.report(task_id, protocol.TASK_TRAINING, progress=0.0)
+        hooks = _StreamingHooks(self, task_id)
+        result = train(model, self._dataset["train"], config, hooks=hooks)
+        hooks.close()
+
+        base_flat = state_to_flat(base_state)
+        delta = state_to_flat(model.state_dict()) - base_flat
+        indices, values = self._protect(task, delta / result.n_iterations)
+        values = values * result.n_iterations
+        return encode_update(
+            indices=indices,
+            values=values.to(torch.float32),
+            n_parameters=base_flat.numel(),
+            n_iterations=result.n_iterations,
+            n_cases=result.n_cases,
+            mechanism=task["mechanism"],
+            params=task["mechanism_params"],
+        )
+
+    def _protect(self, task: dict[str, Any], per_step_delta):
+        """Apply the round's mechanism to the per-step delta (DESIGN section 6)."""
+        import torch
+
+        from sitesagent.privacy import partial_share, svt
+
+        mechanism, params = task["mechanism"], task["mechanism_params"]
+        if mechanism == protocol.MECHANISM_NONE:
+            return None, per_step_delta
+        if mechanism == protocol.MECHANISM_PARTIAL:
+            return partial_share(per_step_delta, **params)
+        generator = torch.Generator(device=per_step_delta.device)
+        generator.seed()  # fresh OS entropy: privacy noise must never be reproducible by others
+        return svt(per_step_delta, **params, generator=generator)
+
+    def _train_config(self, task: dict[str, Any]):
+        from sitesagent.training import TrainConfig
+
+        params = task["training_params"]
+        return TrainConfig(
+            local_epochs=int(params.get("local_epochs", 1)),
+            max_iterations=int(params.get("max_iterations", 0)),
+            batch_size=int(params.get("batch_size", 1)),
+            lr=float(params.get("lr", 1e-4)),
+            roi_size=int(params.get("roi_size", 64)),
+            seed=self.config.seed + int(task["round_number"]),
+            device=self.config.device,
+        )
+
+
+class _StreamingHooks:
+    """Training hooks: every step's loss goes to the live channel; progress goes over HTTP, throttled."""
+
+    def __init__(self, agent: Agent, task_id: int, *, report_every: float = 2.0):
+        self.agent = agent
+        self.task_id = task_id
+        self.report_every = report_every
+        self._last_report = 0.0
+        self._bar = None
+
+    def on_phase(self, name: str) -> None:
+        log.info("task %s: %s", self.task_id, name)
+
+    def on_step(self, iteration: int, total: int, loss: float, samples_per_second: float) -> None:
+        channel = self.agent.channel
+        channel.send(self.task_id, protocol.METRIC_TRAIN_LOSS, iteration, loss)
+        channel.send(self.task_id, protocol.METRIC_THROUGHPUT, iteration, samples_per_second)
+        self._progress_bar(iteration, total, loss)
+        now = time.monotonic()
+        if now - self._last_report >= self.report_every or iteration == total:
+            self._last_report = now
+            try:
+                self.agent.client.report(self.task_id, protocol.TASK_TRAINING, progress=min(1.0, iteration / max(total, 1)))
+            except (ConnectionError, CoordinatorError) as error:
+                log.warning("could not report progress: %s", error)
+
+    def _progress_bar(self, iteration: int, total: int, loss: float) -> None:
+        if not self.agent.config.progress_bar:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=f"task {self.task_id}", unit="step")
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,204 @@
+"""The coordinator's API as the agent uses it: HTTP with retries, and a live websocket.
+
+No training code here, and no network calls in the training code: the agent loop joins the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+log = logging.getLogger("sitesagent")
+
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+
+
+class CoordinatorError(Exception):
+    """The coordinator refused a request; the message is its own words."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Client:
+    def __init__(self, server: str, token: str, *, attempts: int = 8, timeout: float = 60.0):
+        self.server = server.rstrip("/")
+        self.token = token
+        self.attempts = attempts
+        self.http = httpx.Client(
+            base_url=self.server, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request, retrying network faults and 5xx answers with jittered backoff."""
+        delay = 0.5
+        for attempt in range(1, self.attempts + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as error:
+                failure = f"network: {error}"
+            else:
+                if response.status_code not in RETRYABLE_STATUS:
+                    if response.status_code >= 400:
+                        raise CoordinatorError(response.status_code, _error_text(response))
+                    return response
+                failure = f"HTTP {response.status_code}"
+            if attempt == self.attempts:
+                raise ConnectionError(f"{method} {path} failed {attempt} times, last: {failure}")
+            log.warning("%s %s failed (%s); retrying in %.1fs", method, path, failure, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    # --- the agent's endpoints -----------------------------------------------------------
+
+    def next_task(self) -> dict[str, Any] | None:
+        response = self.request("GET", "/api/agent/task/")
+        return None if response.status_code == 204 else response.json()
+
+    def weights(self, version_id: int, expected_sha256: str) -> bytes:
+        data = self.request("GET", f"/api/versions/{version_id}/weights/").content
+        if hashlib.sha256(data).hexdigest() != expected_sha256:
+            raise ConnectionError(f"model version {version_id} arrived corrupted (its hash does not match)")
+        return data
+
+    def report(self, task_id: int, state: str, *, progress: float | None = None, reason: str = "") -> None:
+        body: dict[str, Any] = {"state": state, "reason": reason}
+        if progress is not None:
+            body["progress"] = progress
+        self.request("POST", f"/api/agent/tasks/{task_id}/status/", json=body)
+
+    def post_metrics(self, task_id: int, points: list[dict[str, Any]]) -> None:
+        self.request("POST", f"/api/agent/tasks/{task_id}/metrics/", json={"points": points})
+
+    def upload(self, task_id: int, data: bytes) -> dict[str, Any]:
+        response = self.request(
+            "PUT", f"/api/agent/tasks/{task_id}/update/", content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return response.json()
+
+    def heartbeat(self, info: dict[str, Any]) -> None:
+        self.request("POST", "/api/agent/heartbeat/", json={"info": info})
+
+    def websocket_url(self) -> str:
+        parts = urlsplit(self.server)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws/agent/", "", ""))
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except (ValueError, AttributeError):
+        return response.text[:500]
+
+
+class LiveChannel:
+    """Metrics out and task notifications in, over the agent's websocket, on a background thread.
+
+    ``send`` never blocks the training loop: points are queued and sent in small batches. When
+    the websocket is down, batches go over HTTP instead, so no point is lost.
+    """
+
+    def __init__(self, client: Client, *, batch_seconds: float = 0.2):
+        self.client = client
+        self.batch_seconds = batch_seconds
+        self.outbox: queue.Queue[tuple[int, dict[str, Any]] | None] = queue.Queue()
+        self.task_waiting = threading.Event()
+        self.connected = threading.Event()
+        self.sent_over_websocket = 0
+        self.sent_over_http = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="live-channel", daemon=True)
+
+    def start(self) -> LiveChannel:
+        self._thread.start()
+        return self
+
+    def send(self, task_id: int, name: str, step: int, value: float) -> None:
+        self.outbox.put((task_id, {"name": name, "step": step, "value": value}))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.outbox.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(self.batch_seconds)
+
+    def stop(self) -> None:
+        self.flush()
+        self._stop.set()
+        self.outbox.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._run_websocket()
+            except Exception as error:  # noqa: BLE001 - any websocket failure falls back to HTTP
+                self.connected.clear()
+                log.info("live channel down (%s); sending metrics over HTTP", error)
+                self._drain_over_http(seconds=3.0)
+
+    def _run_websocket(self) -> None:
+        from websockets.sync.client import connect
+
+        headers = {"Authorization": f"Bearer {self.client.token}"}
+        with connect(self.client.websocket_url(), additional_headers=headers, open_timeout=10) as socket:
+            self.connected.set()
+            sequence = 0
+            while not self._stop.is_set():
+                self._read_notifications(socket)
+                batches = self._take_batches()
+                for task_id, points in batches.items():
+                    sequence += 1
+                    socket.send(json.dumps({"type": "metrics", "task": task_id, "points": points, "seq": sequence}))
+                    self.sent_over_websocket += len(points)
+
+    def _read_notifications(self, socket) -> None:
+        while True:
+            try:
+                message = json.loads(socket.recv(timeout=0))
+            except TimeoutError:
+                return
+            if message.get("type") in ("task.assigned", "round.state"):
+                self.task_waiting.set()
+            elif message.get("type") == "error":
+                log.warning("coordinator refused live metrics: %s", message.get("error"))
+
+    def _take_batches(self) -> dict[int, list[dict[str, Any]]]:
+        batches: dict[int, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + self.batch_seconds
+        while time.monotonic() < deadline:
+            try:
+                item = self.outbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                break
+            batches.setdefault(item[0], []).append(item[1])
+        return batches
+
+    def _drain_over_http(self, *, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stop.is_set():
+            for task_id, points in self._take_batches().items():
+                try:
+                    self.client.post_metrics(task_id, points)
+                    self.sent_over_http += len(points)
+                except (ConnectionError, CoordinatorError) as error:
+                    log.warning("could not send %d metric points: %s", len(points), error)

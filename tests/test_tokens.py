@@ -1,0 +1,79 @@
+"""Site tokens: shown once, stored only as a hash, never echoed, and useless once revoked."""
+
+import logging
+
+import pytest
+from django.db import connection
+
+from coordinator import services
+
+
+def _every_text_in_the_database() -> str:
+    """All rows of every table as text: where a leaked token would show up."""
+    chunks = []
+    with connection.cursor() as cursor:
+        for table in connection.introspection.table_names():
+            cursor.execute(f'SELECT * FROM "{table}"')
+            chunks.extend(repr(row) for row in cursor.fetchall())
+    return "\n".join(chunks)
+
+
+def test_token_is_shown_once_and_stored_only_as_a_hash(client_for, alice, caplog):
+    caplog.set_level(logging.DEBUG)
+    created = client_for(alice).post("/api/sites/", {"name": "Hospital Z"}, format="json")
+    assert created.status_code == 201
+    token = created.json()["token"]
+    assert token.startswith("site_") and len(token) > 40
+    site_id = created.json()["site"]["id"]
+
+    later = [
+        client_for(alice).get("/api/sites/").content,
+        client_for(alice).get(f"/api/sites/{site_id}/").content,
+        client_for(token=token).get("/api/agent/task/").content,
+    ]
+    assert all(token.encode() not in body for body in later)
+    assert token not in _every_text_in_the_database()
+    assert token not in caplog.text
+
+
+def test_missing_or_unknown_token_gets_401(client_for):
+    assert client_for().get("/api/agent/task/").status_code == 401
+    assert client_for(token="site_not-a-real-token").get("/api/agent/task/").status_code == 401
+
+
+def test_revoked_token_gets_401_and_rotation_issues_a_new_one(client_for, alice, sites):
+    site, token = sites["A"]
+    assert client_for(token=token).get("/api/agent/task/").status_code == 204
+    revoked = client_for(alice).post(f"/api/sites/{site.pk}/revoke/", {"reason": "laptop stolen"}, format="json")
+    assert revoked.status_code == 200
+    assert client_for(token=token).get("/api/agent/task/").status_code == 401
+
+    rotated = client_for(alice).post(f"/api/sites/{site.pk}/rotate-token/").json()["token"]
+    assert rotated != token
+    assert client_for(token=token).get("/api/agent/task/").status_code == 401
+    assert client_for(token=rotated).get("/api/agent/task/").status_code == 204
+
+
+def test_personal_token_authenticates_a_person_not_an_agent(client_for, alice, sites):
+    token = client_for(alice).post("/api/tokens/", {"name": "script"}, format="json").json()["token"]
+    assert token.startswith("user_")
+    assert client_for(token=token).get("/api/federations/").status_code == 200
+    assert client_for(token=token).get("/api/agent/task/").status_code == 403
+    site_token = sites["A"][1]
+    assert client_for(token=site_token).get("/api/federations/").status_code == 403
+
+
+@pytest.mark.parametrize("header", ["Bearer", "Bearer    ", "Token abc"])
+def test_malformed_authorization_is_refused(client_for, header):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=header)
+    assert client.get("/api/agent/task/").status_code == 401
+
+
+def test_rotating_through_the_service_invalidates_the_old_hash(alice, sites):
+    site, token = sites["B"]
+    new = services.site_token_rotate(site=site, rotated_by=alice)
+    assert services.site_authenticate(token) is None
+    assert services.site_authenticate(new) == site
