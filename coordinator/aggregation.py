@@ -40,12 +40,13 @@ of ``CPU_BLOCK_COORDINATES`` coordinates, every update adding its share of a blo
 next block, so the block stays in cache instead of the whole buffer being streamed once per
 update (measured in docs/performance-aggregation.md). On CUDA one ``index_add_`` per update.
 
-``median`` and ``trimmed_mean`` need the K values of each coordinate. Only coordinates some
-update sent can differ from 0, so they work on that union, block by block: a block of L
-coordinates becomes a K x m matrix (m <= L of them sent by someone) which is sorted along K.
-L = max(1, robust_memory_bytes // (16 K)), so the matrix (4 bytes an entry) and the sort's
-values and positions (4 + 8 bytes an entry) stay within ``robust_memory_bytes`` (256 MiB by
-default) whatever K and n are; on top come one byte per parameter for the union mask and the
+``median`` and ``trimmed_mean`` need the K values of each coordinate. A coordinate that at
+most (K-1)//2 updates sent has a median of 0, and one that at most b sent a trimmed mean of 0
+(see ``_zero_at_or_below``), so only the other coordinates are gathered, block by block: a block
+of L coordinates becomes a K x m matrix (m <= L) sorted along K. L = max(1,
+robust_memory_bytes // (16 K)), so the matrix (4 bytes an entry) and the sort's values and
+positions (4 + 8 bytes an entry) stay within ``robust_memory_bytes`` (256 MiB by default)
+whatever K and n are. On top come 4 bytes a parameter for the sender counts and 4 for the
 output vector.
 
 Validation
@@ -190,13 +191,21 @@ def _on_device(update: UpdateLike, n_parameters: int, device: torch.device) -> _
         raise ValueError(
             f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must be matching 1-D"
         )
-    if indices.numel() and device.type == "cuda":
-        # On the CPU index_add_ checks every index itself; on CUDA a bad one is a device-side
-        # assert that poisons the worker's CUDA context, so check them all here first.
-        low, high = torch.aminmax(indices)
-        if int(low) < 0 or int(high) >= n_parameters:
-            raise ValueError(f"an index is outside the model's {n_parameters} parameters")
+    if indices.numel() and not _indices_in_range(indices, n_parameters):
+        raise ValueError(f"an index is outside the model's {n_parameters} parameters")
     return _Delta(indices, values)
+
+
+def _indices_in_range(indices: torch.Tensor, n_parameters: int) -> bool:
+    if indices.device.type == "cuda":
+        # A bad index on CUDA is a device-side assert that poisons the worker's CUDA context,
+        # so every one is checked; a full pass costs microseconds there.
+        low, high = torch.aminmax(indices)
+    else:
+        # Validated indices are sorted, so the ends bound them all; an unsorted stray still
+        # meets index_add_'s own check on the CPU (IndexError) rather than corrupting memory.
+        low, high = indices[0], indices[-1]
+    return int(low) >= 0 and int(high) < n_parameters
 
 
 def _norm_scales(deltas: Sequence[_Delta], norm_bound: float | None) -> list[float]:
@@ -265,18 +274,32 @@ def _robust_into(
 ) -> torch.Tensor:
     count = len(deltas)
     _require_sorted(deltas)
-    sent = _sent_mask(deltas, out.numel(), out.device)
+    can_move = _sender_counts(deltas, out.numel(), out.device) > _zero_at_or_below(rule, count, trim_fraction)
     block = max(1, memory_bytes // (_ROBUST_BYTES_PER_ENTRY * count))
     bounds = _block_bounds(out.numel(), block, out.device)
     cuts = [None if delta.indices is None else _block_cuts(delta.indices, bounds) for delta in deltas]
     for number, start in enumerate(range(0, out.numel(), block)):
         stop = min(start + block, out.numel())
-        columns = sent[start:stop].nonzero().squeeze(1)
+        columns = can_move[start:stop].nonzero().squeeze(1)
         if columns.numel() == 0:
             continue
         matrix = _block_matrix(deltas, scales, cuts, number, start, stop, columns)
         out.index_add_(0, columns + start, _combine(matrix, rule, trim_fraction))
     return out
+
+
+def _zero_at_or_below(rule: str, count: int, trim_fraction: float) -> int:
+    """The most senders a coordinate can have while the rule is sure to give it 0.
+
+    With s of the K values non-zero (a negative, p positive, a + p = s), sorting puts the zeros
+    at positions a .. K-p-1. The median's middle positions (K-1)//2 and K//2 fall among them
+    whenever s <= (K-1)//2; the trimmed mean keeps positions b .. K-b-1, all zeros whenever
+    s <= b. Skipping those coordinates is exact, and leaves the median of sparse updates very
+    little to sort.
+    """
+    if rule == "median":
+        return (count - 1) // 2
+    return math.floor(trim_fraction * count)
 
 
 def _require_sorted(deltas: Sequence[_Delta]) -> None:
@@ -293,14 +316,14 @@ def _block_bounds(n_parameters: int, block: int, device: torch.device) -> torch.
     return bounds
 
 
-def _sent_mask(deltas: Sequence[_Delta], n_parameters: int, device: torch.device) -> torch.Tensor:
-    """True where at least one update sent a value (a dense update sends them all)."""
-    if any(delta.indices is None for delta in deltas):
-        return torch.ones(n_parameters, dtype=torch.bool, device=device)
-    sent = torch.zeros(n_parameters, dtype=torch.bool, device=device)
+def _sender_counts(deltas: Sequence[_Delta], n_parameters: int, device: torch.device) -> torch.Tensor:
+    """How many updates sent a value at each coordinate (a dense update sends them all)."""
+    dense = sum(delta.indices is None for delta in deltas)
+    senders = torch.full((n_parameters,), dense, dtype=torch.int32, device=device)
     for delta in deltas:
-        sent[delta.indices] = True
-    return sent
+        if delta.indices is not None:
+            senders[delta.indices] += 1  # indices are unique, so no two writes collide
+    return senders
 
 
 def _block_matrix(
@@ -312,9 +335,9 @@ def _block_matrix(
     stop: int,
     columns: torch.Tensor,
 ) -> torch.Tensor:
-    """K x m: row k holds update k's (scaled) values at the block's sent coordinates, else 0."""
+    """K x m: row k holds update k's (scaled) values at the block's chosen coordinates, else 0."""
     matrix = torch.zeros((len(deltas), columns.numel()), dtype=torch.float32, device=columns.device)
-    # Where each coordinate of the block sits among the block's sent columns.
+    # Where each coordinate of the block sits among the chosen columns; -1 where it is not one.
     column_of = torch.full((stop - start,), -1, dtype=torch.int64, device=columns.device)
     column_of[columns] = torch.arange(columns.numel(), device=columns.device)
     for row, (delta, scale, cut) in enumerate(zip(deltas, scales, cuts, strict=True)):
@@ -323,7 +346,9 @@ def _block_matrix(
         else:
             assert cut is not None
             low, high = cut[number], cut[number + 1]
-            matrix[row, column_of[delta.indices[low:high] - start]] = delta.values[low:high]
+            positions = column_of[delta.indices[low:high] - start]
+            chosen = positions >= 0
+            matrix[row, positions[chosen]] = delta.values[low:high][chosen]
         if scale != 1.0:
             matrix[row] *= scale
     return matrix

@@ -69,15 +69,15 @@ def epsilon_from_input(name: str, value: Any, *, allow_zero: bool = False) -> De
 
 
 def round_cost(mechanism: str, params: dict[str, Any]) -> Decimal | None:
-    """The exact, conservatively rounded epsilon a round costs each site (None: no guarantee)."""
+    """The exact epsilon a round costs each site (None: no formal guarantee)."""
     try:
-        cost = protocol.round_epsilon(mechanism, params)
+        cost = protocol.round_epsilon_exact(mechanism, params)
     except protocol.ProtocolError as error:
         raise InvalidInput(str(error)) from None
     if cost is None:
         return None
     # Rounding up: the ledger may over-count a site's spend by 1e-12, never under-count it.
-    return Decimal(repr(cost)).quantize(EPSILON_QUANTUM, rounding=ROUND_CEILING)
+    return cost.quantize(EPSILON_QUANTUM, rounding=ROUND_CEILING)
 
 
 def _audit(

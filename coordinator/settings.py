@@ -173,6 +173,7 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Federated BraTS coordinator API",
     "DESCRIPTION": "Federations, sites, privacy budgets, rounds, the privacy ledger, and the site agent's side.",
     "VERSION": "1",
+    "ENUM_NAME_OVERRIDES": {"MechanismEnum": "coordinator.models.Mechanism"},
 }
 
 AUTH_PASSWORD_VALIDATORS = [

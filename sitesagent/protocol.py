@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 # Privacy mechanisms (DESIGN section 6).
@@ -23,7 +24,8 @@ MECHANISM_PARAMS: dict[str, tuple[str, ...]] = {
     MECHANISM_PARTIAL: ("fraction", "gamma"),
     MECHANISM_SVT: ("fraction", "gamma", "tau", "eps_threshold", "eps_query", "eps_release"),
 }
-_POSITIVE = {"fraction", "gamma", "eps_threshold", "eps_query", "eps_release"}
+SVT_EPSILON_PARTS = ("eps_threshold", "eps_query", "eps_release")
+_POSITIVE = {"fraction", "gamma", *SVT_EPSILON_PARTS}
 
 # Task states, in the order an agent moves through them (DESIGN section 5).
 TASK_ASSIGNED = "assigned"
@@ -92,18 +94,27 @@ def validate_mechanism(mechanism: str, params: Mapping[str, Any]) -> dict[str, f
     return clean
 
 
-def round_epsilon(mechanism: str, params: Mapping[str, Any]) -> float | None:
+def round_epsilon_exact(mechanism: str, params: Mapping[str, Any]) -> Decimal | None:
     """The epsilon one round of ``mechanism`` costs a site, or None for "no formal guarantee".
 
     SVT (Lyu, Su and Li 2017, Alg. 1) is pure epsilon-DP with
     epsilon = eps_threshold + eps_query + eps_release; basic sequential composition then
     makes a site's spend the plain sum over its rounds. "none" and partial sharing add no
     noise, so they have no finite epsilon at all: None, never a number.
+
+    The sum is taken in decimal over the parameters as written (0.05 + 0.15 + 0.1 is 0.3, not
+    0.30000000000000004), so the ledger adds up exactly what people set.
     """
     clean = validate_mechanism(mechanism, params)
     if mechanism != MECHANISM_SVT:
         return None
-    return clean["eps_threshold"] + clean["eps_query"] + clean["eps_release"]
+    return sum((Decimal(repr(clean[name])) for name in SVT_EPSILON_PARTS), Decimal(0))
+
+
+def round_epsilon(mechanism: str, params: Mapping[str, Any]) -> float | None:
+    """`round_epsilon_exact` as a float, for arithmetic that needs no exactness."""
+    exact = round_epsilon_exact(mechanism, params)
+    return None if exact is None else float(exact)
 
 
 def selection_count(fraction: float, n_parameters: int) -> int:
@@ -114,7 +125,9 @@ def selection_count(fraction: float, n_parameters: int) -> int:
     return max(1, min(n_parameters, math.ceil(fraction * n_parameters - 1e-9)))
 
 
-def svt_split(epsilon: float, *, fraction: float, n_parameters: int, release_share: float = 0.5) -> dict[str, float]:
+def svt_split(
+    epsilon: float, *, fraction: float, n_parameters: int, release_share: float = 0.5
+) -> dict[str, float]:
     """Split a round's total epsilon into SVT's three parts.
 
     ``release_share`` of it pays for the released values; the rest (the selection budget) is

@@ -11,13 +11,15 @@ from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
 # A SegResNet small enough to build in milliseconds; the shape of the real one.
-TINY_MODEL = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1]}
+TINY_MODEL = {"init_filters": 4, "blocks_down": [1, 1, 1], "blocks_up": [1, 1], "norm_groups": 4}
 SVT_PARAMS = {"fraction": 0.1, "gamma": 0.01, "tau": 0.001, "eps_threshold": 0.1, "eps_query": 0.4, "eps_release": 0.5}
 
 
 @pytest.fixture(autouse=True)
-def _storage(settings, tmp_path):
+def _fast_and_isolated(settings, tmp_path):
     settings.STORAGE_DIR = tmp_path / "storage"
+    # The cast's passwords need no protection; PBKDF2 would cost a second per test.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def make_user(username: str, **extra):

@@ -26,7 +26,9 @@ def _launch_concurrently(federation_id: int, user, count: int, params: dict) -> 
         try:
             barrier.wait(timeout=30)
             federation = Federation.objects.get(pk=federation_id)
-            services.round_launch(federation=federation, launched_by=user, mechanism="svt", mechanism_params=params)
+            services.round_launch(
+                federation=federation, launched_by=user, mechanism="svt", mechanism_params=params
+            )
             outcomes.append("launched")
         except LaunchRefused:
             outcomes.append("refused")

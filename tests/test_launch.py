@@ -31,7 +31,9 @@ def test_launch_reserves_each_sites_epsilon(client_for, alice, federation, sites
 
 def test_launch_leaves_out_a_site_without_budget_and_says_why(client_for, alice, federation, sites):
     site_a = sites["A"][0]
-    services.budget_set(membership=Membership.objects.get(site=site_a), budget=0.5, changed_by=alice, reason="cut")
+    services.budget_set(
+        membership=Membership.objects.get(site=site_a), budget=0.5, changed_by=alice, reason="cut"
+    )
     response = _launch(client_for(alice), federation)
     assert response.status_code == 201
     excluded = response.json()["excluded_sites"]
@@ -42,7 +44,9 @@ def test_launch_leaves_out_a_site_without_budget_and_says_why(client_for, alice,
 
 def test_launch_refuses_when_fewer_than_the_minimum_can_take_part(client_for, alice, federation, sites):
     for site, _ in sites.values():
-        services.budget_set(membership=Membership.objects.get(site=site), budget=0.25, changed_by=alice, reason="cut")
+        services.budget_set(
+            membership=Membership.objects.get(site=site), budget=0.25, changed_by=alice, reason="cut"
+        )
     response = _launch(client_for(alice), federation, min_sites=1)
     assert response.status_code == 409
     message = response.json()["error"]
@@ -52,9 +56,16 @@ def test_launch_refuses_when_fewer_than_the_minimum_can_take_part(client_for, al
 
 def test_unprotected_mechanisms_need_the_sites_explicit_consent(client_for, alice, federation, sites):
     membership = Membership.objects.get(site=sites["A"][0])
-    services.budget_set(membership=membership, budget=2, changed_by=alice, reason="consent given",
-                        allows_unprotected_sharing=True)
-    response = _launch(client_for(alice), federation, mechanism="partial", mechanism_params={"fraction": 0.1, "gamma": 0.1})
+    services.budget_set(
+        membership=membership,
+        budget=2,
+        changed_by=alice,
+        reason="consent given",
+        allows_unprotected_sharing=True,
+    )
+    response = _launch(
+        client_for(alice), federation, mechanism="partial", mechanism_params={"fraction": 0.1, "gamma": 0.1}
+    )
     assert response.status_code == 201, response.content
     body = response.json()
     assert body["epsilon_per_site"] is None
@@ -64,7 +75,9 @@ def test_unprotected_mechanisms_need_the_sites_explicit_consent(client_for, alic
     assert entry.epsilon is None and entry.kind == LedgerKind.RESERVE
 
 
-@pytest.mark.parametrize("bad", [{"eps_release": float("nan")}, {"eps_query": -1}, {"gamma": 0}, {"fraction": 2}])
+@pytest.mark.parametrize(
+    "bad", [{"eps_release": "NaN"}, {"eps_query": -1}, {"gamma": 0}, {"fraction": 2}, {"tau": "x"}]
+)
 def test_launch_with_bad_mechanism_parameters_is_refused(client_for, alice, federation, sites, bad):
     response = _launch(client_for(alice), federation, mechanism="svt", mechanism_params={**SVT_PARAMS, **bad})
     assert response.status_code == 400
@@ -74,7 +87,9 @@ def test_launch_with_bad_mechanism_parameters_is_refused(client_for, alice, fede
 
 def test_abort_releases_every_reservation(client_for, alice, federation, sites):
     round_id = _launch(client_for(alice), federation).json()["id"]
-    response = client_for(alice).post(f"/api/rounds/{round_id}/abort/", {"reason": "wrong settings"}, format="json")
+    response = client_for(alice).post(
+        f"/api/rounds/{round_id}/abort/", {"reason": "wrong settings"}, format="json"
+    )
     assert response.status_code == 200 and response.json()["state"] == "aborted"
     for site, _ in sites.values():
         assert _balance(federation, site).remaining == 2

@@ -8,7 +8,14 @@ from sitesagent import protocol
 
 
 def test_svt_costs_the_sum_of_its_three_parts():
-    params = {"fraction": 0.1, "gamma": 0.01, "tau": 0.0, "eps_threshold": 0.1, "eps_query": 0.4, "eps_release": 0.5}
+    params = {
+        "fraction": 0.1,
+        "gamma": 0.01,
+        "tau": 0.0,
+        "eps_threshold": 0.1,
+        "eps_query": 0.4,
+        "eps_release": 0.5,
+    }
     assert protocol.round_epsilon("svt", params) == pytest.approx(1.0)
 
 
@@ -30,7 +37,14 @@ def test_unprotected_mechanisms_have_no_epsilon_at_all():
     ],
 )
 def test_bad_parameters_are_refused_by_name(name, value, words):
-    params = {"fraction": 0.1, "gamma": 0.01, "tau": 0.0, "eps_threshold": 0.1, "eps_query": 0.4, "eps_release": 0.5}
+    params = {
+        "fraction": 0.1,
+        "gamma": 0.01,
+        "tau": 0.0,
+        "eps_threshold": 0.1,
+        "eps_query": 0.4,
+        "eps_release": 0.5,
+    }
     params[name] = value
     with pytest.raises(protocol.ProtocolError) as caught:
         protocol.round_epsilon("svt", params)
@@ -62,7 +76,14 @@ def test_default_split_follows_one_to_2c_to_the_two_thirds():
 
 
 def test_noise_scales_by_hand():
-    params = {"fraction": 0.5, "gamma": 0.2, "tau": 0.0, "eps_threshold": 0.1, "eps_query": 0.4, "eps_release": 0.5}
+    params = {
+        "fraction": 0.5,
+        "gamma": 0.2,
+        "tau": 0.0,
+        "eps_threshold": 0.1,
+        "eps_query": 0.4,
+        "eps_release": 0.5,
+    }
     scales = protocol.svt_noise_scales(params, n_parameters=10)  # c = 5
     assert scales["threshold"] == pytest.approx(0.2 / 0.1)
     assert scales["query"] == pytest.approx(2 * 5 * 0.2 / 0.4)
@@ -73,3 +94,10 @@ def test_flat_layout_is_sorted_by_name_whatever_the_order_given():
     layout = protocol.flat_layout({"b": (2, 3), "a": (4,), "c": ()})
     assert layout == [("a", 0, 4), ("b", 4, 10), ("c", 10, 11)]
     assert math.prod(()) == 1
+
+
+def test_svt_cost_is_exact_in_decimal():
+    from decimal import Decimal
+
+    params = {"fraction": 0.1, "gamma": 0.01, "tau": 0.0, "eps_threshold": 0.05, "eps_query": 0.15, "eps_release": 0.1}
+    assert protocol.round_epsilon_exact("svt", params) == Decimal("0.3")

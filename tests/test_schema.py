@@ -15,9 +15,16 @@ def test_schema_is_openapi_3_and_covers_every_endpoint(client):
     assert schema["openapi"].startswith("3.")
     paths = set(schema["paths"])
     for expected in [
-        "/api/federations/", "/api/federations/{id}/rounds/", "/api/federations/{id}/ledger/",
-        "/api/memberships/{id}/", "/api/sites/", "/api/sites/{id}/rotate-token/", "/api/rounds/{id}/abort/",
-        "/api/agent/task/", "/api/agent/tasks/{id}/update/", "/api/agent/tasks/{id}/metrics/",
+        "/api/federations/",
+        "/api/federations/{id}/rounds/",
+        "/api/federations/{id}/ledger/",
+        "/api/memberships/{id}/",
+        "/api/sites/",
+        "/api/sites/{id}/rotate-token/",
+        "/api/rounds/{id}/abort/",
+        "/api/agent/task/",
+        "/api/agent/tasks/{id}/update/",
+        "/api/agent/tasks/{id}/metrics/",
         "/api/versions/{id}/weights/",
     ]:
         assert expected in paths, f"{expected} missing from the schema"

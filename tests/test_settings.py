@@ -10,8 +10,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _manage(*args: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, **env}
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_debug_off_without_secret_key_refuses_to_start():
@@ -26,7 +32,13 @@ def test_bad_boolean_is_named():
 
 
 def test_check_deploy_is_clean_with_production_settings():
-    result = _manage("check", "--deploy", "--fail-level", "WARNING",
-                     DEBUG="False", SECRET_KEY="x" * 30 + "production-secret-key-of-enough-length",
-                     ALLOWED_HOSTS="fl.example.org")
+    result = _manage(
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        DEBUG="False",
+        SECRET_KEY="x" * 30 + "production-secret-key-of-enough-length",
+        ALLOWED_HOSTS="fl.example.org",
+    )
     assert result.returncode == 0, result.stderr

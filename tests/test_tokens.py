@@ -36,7 +36,7 @@ def test_token_is_shown_once_and_stored_only_as_a_hash(client_for, alice, caplog
     assert token not in caplog.text
 
 
-def test_missing_or_unknown_token_gets_401(client_for):
+def test_missing_or_unknown_token_gets_401(db, client_for):
     assert client_for().get("/api/agent/task/").status_code == 401
     assert client_for(token="site_not-a-real-token").get("/api/agent/task/").status_code == 401
 
@@ -44,7 +44,9 @@ def test_missing_or_unknown_token_gets_401(client_for):
 def test_revoked_token_gets_401_and_rotation_issues_a_new_one(client_for, alice, sites):
     site, token = sites["A"]
     assert client_for(token=token).get("/api/agent/task/").status_code == 204
-    revoked = client_for(alice).post(f"/api/sites/{site.pk}/revoke/", {"reason": "laptop stolen"}, format="json")
+    revoked = client_for(alice).post(
+        f"/api/sites/{site.pk}/revoke/", {"reason": "laptop stolen"}, format="json"
+    )
     assert revoked.status_code == 200
     assert client_for(token=token).get("/api/agent/task/").status_code == 401
 
@@ -64,7 +66,7 @@ def test_personal_token_authenticates_a_person_not_an_agent(client_for, alice, s
 
 
 @pytest.mark.parametrize("header", ["Bearer", "Bearer    ", "Token abc"])
-def test_malformed_authorization_is_refused(client_for, header):
+def test_malformed_authorization_is_refused(db, client_for, header):
     from rest_framework.test import APIClient
 
     client = APIClient()

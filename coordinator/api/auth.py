@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.utils import timezone
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from coordinator import services
@@ -79,3 +80,15 @@ def touch_site(site: Site) -> None:
     """Agents' requests count as a heartbeat, at most every few seconds."""
     if site.last_seen_at is None or (timezone.now() - site.last_seen_at).total_seconds() > 5:
         services.site_heartbeat(site=site)
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    target_class = BearerTokenAuthentication
+    name = "bearerToken"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A site token (site_...) for agents, or a personal token (user_...) for people.",
+        }

@@ -45,7 +45,7 @@ class FederationCreateSerializer(serializers.Serializer):
     min_sites = serializers.IntegerField(required=False, default=1, min_value=1)
     round_deadline_seconds = serializers.IntegerField(required=False, default=3600, min_value=1)
     default_mechanism = serializers.ChoiceField(
-        choices=protocol.MECHANISMS, required=False, default=protocol.MECHANISM_SVT
+        choices=models.Mechanism.choices, required=False, default=protocol.MECHANISM_SVT
     )
     default_mechanism_params = serializers.JSONField(required=False)
     training_defaults = serializers.JSONField(required=False)
@@ -197,7 +197,7 @@ class RoundLaunchSerializer(serializers.Serializer):
         child=serializers.IntegerField(), required=False, allow_null=True, default=None
     )
     mechanism = serializers.ChoiceField(
-        choices=protocol.MECHANISMS, required=False, allow_null=True, default=None
+        choices=models.Mechanism.choices, required=False, allow_null=True, default=None
     )
     mechanism_params = serializers.JSONField(required=False, allow_null=True, default=None)
     training_params = serializers.JSONField(required=False, allow_null=True, default=None)

@@ -369,7 +369,7 @@ class RawBytesParser(BaseParser):
 
 
 @extend_schema(
-    request={"application/octet-stream": OpenApiResponse(description="an update in safetensors")},
+    request={"application/octet-stream": {"type": "string", "format": "binary"}},
     responses={
         200: OpenApiResponse(description="the stored update"),
         422: OpenApiResponse(description="rejected"),

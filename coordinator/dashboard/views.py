@@ -1,12 +1,527 @@
-"""The dashboard's pages: server-rendered, each one checking access through coordinator.access."""
+"""The dashboard's pages: server-rendered, each one checking access through coordinator.access.
 
+Objects a user may not see answer 404 (so their existence does not leak); actions on objects
+a user may see but not change answer 403.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.http import Http404, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
 
-from coordinator import access
+from coordinator import access, charts, privacy_preview, services
+from coordinator.dashboard import composition, queries
+from coordinator.dashboard.forms import (
+    BudgetForm,
+    LaunchForm,
+    LedgerFilterForm,
+    MembershipAddForm,
+    ReasonForm,
+    SiteRegisterForm,
+)
+from coordinator.errors import NotAllowed, ServiceError
+from coordinator.models import Federation, Round, Site
+from sitesagent import protocol
+
+# --- Shared helpers -----------------------------------------------------------------------------
+
+
+def _federation(request, pk: int) -> Federation:
+    federation = get_object_or_404(Federation, pk=pk)
+    if not access.can_view_federation(request.user, federation):
+        raise Http404
+    return federation
+
+
+def _round(request, pk: int) -> Round:
+    round_ = get_object_or_404(
+        Round.objects.select_related("federation", "base_version", "launched_by"), pk=pk
+    )
+    if not access.can_view_round(request.user, round_):
+        raise Http404
+    return round_
+
+
+def _site(request, pk: int) -> Site:
+    site = get_object_or_404(Site, pk=pk)
+    if not access.can_view_site(request.user, site):
+        raise Http404
+    return site
+
+
+def _require(allowed: bool) -> None:
+    if not allowed:
+        raise PermissionDenied
+
+
+def _tabs(request, federation: Federation, tab: str) -> dict:
+    """What every federation page needs for its tabs; the tabs show only what the user may use."""
+    site_ids = access.site_ids_visible_in(request.user, federation)
+    return {
+        "federation": federation,
+        "tab": tab,
+        "can_coordinate": access.can_coordinate(request.user, federation),
+        "can_read_audit": access.can_read_audit(request.user, federation),
+        "scoped_to_own_sites": site_ids is not None,
+    }
+
+
+def _coordinated_federations(user):
+    ids = [f.pk for f in access.federations_visible_to(user) if access.can_coordinate(user, f)]
+    return Federation.objects.filter(pk__in=ids).order_by("name")
+
+
+def _agent_command(request, token: str) -> str:
+    server = request.build_absolute_uri("/").rstrip("/")
+    return f"python -m sitesagent run --server {server} --token {token} --data /path/to/brats-cases"
+
+
+def _show_token(request, site: Site, token: str, *, action: str) -> HttpResponse:
+    """The one time a site's token is shown; never cached, never stored in clear."""
+    response = render(
+        request,
+        "dashboard/site_token.html",
+        {"site": site, "token": token, "command": _agent_command(request, token), "action": action},
+    )
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+# --- Home ---------------------------------------------------------------------------------------
 
 
 @login_required
 def home(request):
     federations = access.federations_visible_to(request.user).order_by("name")
-    return render(request, "home.html", {"federations": federations})
+    cards = [
+        {
+            "federation": f,
+            "role": _role(request.user, f),
+            "latest_round": f.rounds.order_by("-number").first(),
+            "latest_version": f.latest_version(),
+            "n_sites": access.memberships_visible_to(request.user, f).count(),
+        }
+        for f in federations
+    ]
+    sites = access.sites_visible_to(request.user).filter(admins=request.user).order_by("name")
+    return render(request, "dashboard/home.html", {"cards": cards, "own_sites": sites})
+
+
+def _role(user, federation: Federation) -> str:
+    if access.can_coordinate(user, federation):
+        return "coordinator"
+    if access.is_auditor(user, federation):
+        return "auditor"
+    return "site admin"
+
+
+# --- Federation overview ------------------------------------------------------------------------
+
+
+@login_required
+def federation(request, pk: int):
+    federation = _federation(request, pk)
+    site_ids = access.site_ids_visible_in(request.user, federation)
+    memberships = access.memberships_visible_to(request.user, federation)
+    dice = queries.dice_points(federation, site_ids)
+    title = "Federated Dice" if site_ids is None else "Dice of your site"
+    figures = {
+        "dice": charts.dice_over_rounds(dice, title=title),
+        "heatmap": charts.dice_heatmap(dice),
+        "epsilon": charts.epsilon_spent(queries.epsilon_commits(memberships)),
+    }
+    return render(
+        request,
+        "dashboard/federation.html",
+        {
+            **_tabs(request, federation, "overview"),
+            "rounds": queries.rounds_of(federation),
+            "versions": queries.versions_of(federation),
+            "figures": figures,
+            "n_sites": memberships.count(),
+        },
+    )
+
+
+# --- Budgets ------------------------------------------------------------------------------------
+
+
+@login_required
+def budgets(request, pk: int):
+    federation = _federation(request, pk)
+    memberships = access.memberships_visible_to(request.user, federation)
+    if request.method == "POST":
+        return _budget_change(request, federation, memberships)
+    rows = queries.budget_rows(memberships)
+    for row in rows:
+        row["form"] = BudgetForm(
+            initial={
+                "membership": row["membership"].pk,
+                "budget": row["budget"].normalize(),
+                "allows_unprotected_sharing": row["membership"].allows_unprotected_sharing,
+            },
+            auto_id=f"id_%s_{row['membership'].pk}",
+        )
+    context = {**_tabs(request, federation, "budgets"), "rows": rows, "figure": charts.budget_bars(rows)}
+    return render(request, "dashboard/budgets.html", context)
+
+
+def _budget_change(request, federation: Federation, memberships):
+    form = BudgetForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+        return redirect("dashboard-budgets", pk=federation.pk)
+    membership = get_object_or_404(memberships, pk=form.cleaned_data["membership"])
+    consent = form.cleaned_data["allows_unprotected_sharing"]
+    try:
+        budget = services.epsilon_from_input("budget", form.cleaned_data["budget"])
+        refusal = access.budget_change_refusal(request.user, membership, budget)
+        if refusal:
+            raise NotAllowed(refusal)
+        services.budget_set(
+            membership=membership,
+            budget=budget,
+            changed_by=request.user,
+            reason=form.cleaned_data["reason"],
+            allows_unprotected_sharing=consent if access.can_coordinate(request.user, federation) else None,
+        )
+    except ServiceError as error:
+        messages.error(request, f"Budget not changed: {error.message}.")
+    else:
+        messages.success(request, f"{membership.site}'s budget is now ε {queries.epsilon_text(budget)}.")
+    return redirect("dashboard-budgets", pk=federation.pk)
+
+
+# --- Launch -------------------------------------------------------------------------------------
+
+
+def _launch_form(request, federation: Federation, data=None) -> LaunchForm:
+    memberships = access.memberships_visible_to(request.user, federation).order_by("site__name")
+    choices = [(m.site_id, m.site.name) for m in memberships]
+    initial = LaunchForm.initial_for(federation, [site_id for site_id, _ in choices])
+    return LaunchForm(data, initial=initial, federation=federation, site_choices=choices)
+
+
+def _preview(federation: Federation, form: LaunchForm) -> dict:
+    """The privacy preview of a launch form, or why there is none."""
+    if not form.is_valid():
+        return {"errors": [f"{name}: {' '.join(e)}" for name, e in form.errors.items()]}
+    kwargs = form.launch_kwargs()
+    try:
+        preview = privacy_preview.preview(
+            federation=federation,
+            sites=kwargs["site_ids"],
+            mechanism=kwargs["mechanism"],
+            mechanism_params=kwargs["mechanism_params"],
+        )
+    except ServiceError as error:
+        return {"errors": [error.message]}
+    rounds = form.cleaned_data["rounds"]
+    preview.update(
+        unprotected=preview["epsilon"] is None,
+        rounds=rounds,
+        epsilon_total=None if preview["epsilon"] is None else preview["epsilon"] * rounds,
+        share_percent=100 * preview["share_released"],
+    )
+    return {"preview": preview}
+
+
+@login_required
+def launch(request, pk: int):
+    federation = _federation(request, pk)
+    _require(access.can_coordinate(request.user, federation))
+    form = _launch_form(request, federation, request.POST if request.method == "POST" else None)
+    if request.method == "POST" and request.POST.get("action") != "preview" and form.is_valid():
+        try:
+            round_ = _launch_rounds(request, federation, form)
+        except ServiceError as error:
+            form.add_error(None, error.message)
+        else:
+            return redirect("dashboard-round", pk=round_.pk)
+    bound = form if form.is_bound else _launch_form(request, federation, _initial_data(form))
+    return render(
+        request,
+        "dashboard/launch.html",
+        {
+            **_tabs(request, federation, "launch"),
+            "form": form,
+            "mechanism_params": protocol.MECHANISM_PARAMS,
+            **_preview(federation, bound),
+        },
+    )
+
+
+def _initial_data(form: LaunchForm) -> dict:
+    """The unbound form's initial values as if they had been submitted, for the first preview."""
+    data = {k: v for k, v in form.initial.items() if k != "sites" and v is not None}
+    return {**data, "sites": [str(site) for site in form.initial.get("sites", [])]}
+
+
+def _launch_rounds(request, federation: Federation, form: LaunchForm) -> Round:
+    kwargs = form.launch_kwargs()
+    count = form.cleaned_data["rounds"]
+    if count > 1:
+        round_ = services.federation_run_rounds(
+            federation=federation, count=count, started_by=request.user, **kwargs
+        )
+    else:
+        round_ = services.round_launch(federation=federation, launched_by=request.user, **kwargs)
+    left_out = "; ".join(e["reason"] for e in round_.excluded_sites)
+    note = f" Left out: {left_out}." if left_out else ""
+    more = f" {count - 1} more will follow back to back." if count > 1 else ""
+    messages.success(
+        request, f"Round {round_.number} launched with {round_.tasks.count()} site(s).{note}{more}"
+    )
+    return round_
+
+
+@login_required
+@require_POST
+def launch_preview(request, pk: int):
+    """The preview panel alone, re-rendered as the launch form changes."""
+    federation = _federation(request, pk)
+    _require(access.can_coordinate(request.user, federation))
+    form = _launch_form(request, federation, request.POST)
+    return render(request, "dashboard/_preview.html", _preview(federation, form))
+
+
+# --- Live round ---------------------------------------------------------------------------------
+
+
+@login_required
+def round_detail(request, pk: int):
+    round_ = _round(request, pk)
+    federation = round_.federation
+    tasks = list(access.tasks_visible_to(request.user, round_).order_by("site__name"))
+    site_ids = access.site_ids_visible_in(request.user, federation)
+    rows = queries.round_task_rows(round_, tasks)
+    figures = {
+        "loss": charts.site_series(
+            queries.round_series(round_, tasks, protocol.METRIC_TRAIN_LOSS),
+            metric=protocol.METRIC_TRAIN_LOSS,
+            title="Training loss",
+            y="Dice loss",
+        ),
+        "throughput": charts.site_series(
+            queries.round_series(round_, tasks, protocol.METRIC_THROUGHPUT),
+            metric=protocol.METRIC_THROUGHPUT,
+            title="Throughput",
+            y="samples / s",
+        ),
+    }
+    excluded = [e for e in round_.excluded_sites if site_ids is None or e.get("site") in site_ids]
+    context = {
+        **_tabs(request, federation, "rounds"),
+        "round": round_,
+        "rows": rows,
+        "federated": queries.federated_row(rows),
+        "excluded": excluded,
+        "figures": figures,
+        "result_version": queries.result_versions(federation).get(round_.pk),
+        "epsilon": queries.epsilon_text(round_.epsilon_per_site),
+        "abort_form": ReasonForm(),
+    }
+    return render(request, "dashboard/round.html", context)
+
+
+@login_required
+@require_POST
+def round_abort(request, pk: int):
+    round_ = _round(request, pk)
+    _require(access.can_coordinate(request.user, round_.federation))
+    form = ReasonForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Give a reason to abort the round: it goes into the audit log.")
+        return redirect("dashboard-round", pk=round_.pk)
+    try:
+        services.round_abort(round_=round_, aborted_by=request.user, reason=form.cleaned_data["reason"])
+    except ServiceError as error:
+        messages.error(request, error.message)
+    else:
+        messages.success(request, f"Round {round_.number} aborted; unspent reservations were released.")
+    return redirect("dashboard-round", pk=round_.pk)
+
+
+# --- Sites --------------------------------------------------------------------------------------
+
+
+@login_required
+def sites(request):
+    can_register = access.can_register_site(request.user)
+    federations = _coordinated_federations(request.user)
+    form = SiteRegisterForm(request.POST or None, federations=federations)
+    if request.method == "POST":
+        _require(can_register)
+        if form.is_valid():
+            return _register(request, form)
+    visible = (
+        access.sites_visible_to(request.user).prefetch_related("memberships__federation").order_by("name")
+    )
+    return render(
+        request,
+        "dashboard/sites.html",
+        {"rows": queries.site_rows(visible), "form": form if can_register else None},
+    )
+
+
+def _register(request, form: SiteRegisterForm) -> HttpResponse:
+    data = form.cleaned_data
+    try:
+        site, token = services.site_register(name=data["name"], registered_by=request.user)
+    except ServiceError as error:
+        form.add_error("name", error.message)
+        visible = access.sites_visible_to(request.user).order_by("name")
+        return render(request, "dashboard/sites.html", {"rows": queries.site_rows(visible), "form": form})
+    if data["federation"] is not None:
+        try:
+            services.membership_add(
+                federation=data["federation"],
+                site=site,
+                budget=data["budget"],
+                allows_unprotected_sharing=data["allows_unprotected_sharing"],
+                added_by=request.user,
+                reason=data["reason"],
+            )
+        except ServiceError as error:
+            messages.error(
+                request, f"{site} is registered but did not join {data['federation']}: {error.message}"
+            )
+    return _show_token(request, site, token, action="registered")
+
+
+@login_required
+def site_detail(request, pk: int):
+    site = _site(request, pk)
+    memberships = [
+        m
+        for m in site.memberships.select_related("federation", "site")
+        if access.can_view_membership(request.user, m)
+    ]
+    joinable = _coordinated_federations(request.user).exclude(memberships__site=site)
+    context = {
+        "site": site,
+        "row": queries.site_rows([site])[0],
+        "budget_rows": queries.budget_rows(memberships),
+        "tasks": queries.site_tasks(site, [m.federation_id for m in memberships]),
+        "can_manage": access.can_manage_site(request.user, site),
+        "join_form": MembershipAddForm(federations=joinable) if joinable.exists() else None,
+        "revoke_form": ReasonForm(),
+        "agent_info": json.dumps(site.agent_info, indent=2, sort_keys=True) if site.agent_info else "",
+    }
+    return render(request, "dashboard/site.html", context)
+
+
+@login_required
+@require_POST
+def site_rotate(request, pk: int):
+    site = _site(request, pk)
+    _require(access.can_manage_site(request.user, site))
+    token = services.site_token_rotate(site=site, rotated_by=request.user)
+    return _show_token(request, site, token, action="rotated")
+
+
+@login_required
+@require_POST
+def site_revoke(request, pk: int):
+    site = _site(request, pk)
+    _require(access.can_manage_site(request.user, site))
+    form = ReasonForm(request.POST)
+    reason = form.cleaned_data["reason"] if form.is_valid() else ""
+    services.site_token_revoke(site=site, revoked_by=request.user, reason=reason)
+    messages.success(request, f"{site}'s token is revoked: its agent can no longer connect.")
+    return redirect("dashboard-site", pk=site.pk)
+
+
+@login_required
+@require_POST
+def site_join(request, pk: int):
+    site = _site(request, pk)
+    form = MembershipAddForm(request.POST, federations=_coordinated_federations(request.user))
+    if not form.is_valid():
+        messages.error(request, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+        return redirect("dashboard-site", pk=site.pk)
+    data = form.cleaned_data
+    _require(access.can_coordinate(request.user, data["federation"]))
+    try:
+        services.membership_add(site=site, added_by=request.user, **data)
+    except ServiceError as error:
+        messages.error(request, error.message)
+    else:
+        messages.success(request, f"{site} joined {data['federation']} with a budget of ε {data['budget']}.")
+    return redirect("dashboard-site", pk=site.pk)
+
+
+# --- Privacy audit ------------------------------------------------------------------------------
+
+
+def _ledger(request, federation: Federation):
+    memberships = list(access.memberships_visible_to(request.user, federation))
+    choices = sorted(((m.site_id, m.site.name) for m in memberships), key=lambda c: c[1])
+    form = LedgerFilterForm(request.GET or None, site_choices=choices)
+    return memberships, form, queries.ledger_rows(memberships, **form.filters())
+
+
+@login_required
+def privacy(request, pk: int):
+    federation = _federation(request, pk)
+    memberships, form, rows = _ledger(request, federation)
+    for row in rows:
+        row["epsilon"] = queries.epsilon_text(row["entry"].epsilon)
+        row["params"] = sorted(row["entry"].mechanism_params.items())
+    context = {
+        **_tabs(request, federation, "privacy"),
+        "rows": rows,
+        "filter_form": form,
+        "query": request.GET.urlencode(),
+        "bounds": queries.composition_rows(memberships),
+        "delta": f"{composition.DEFAULT_DELTA:.0e}".replace("e-0", "e-"),
+    }
+    return render(request, "dashboard/privacy.html", context)
+
+
+@login_required
+def privacy_export(request, pk: int, fmt: str):
+    federation = _federation(request, pk)
+    if fmt not in ("csv", "json"):
+        raise Http404
+    _, _, rows = _ledger(request, federation)
+    exported = queries.ledger_export(rows)
+    filename = f"ledger-{federation.pk}.{fmt}"
+    if fmt == "json":
+        response = JsonResponse(exported, safe=False, json_dumps_params={"indent": 2})
+    else:
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        writer = csv.DictWriter(response, fieldnames=queries.EXPORT_FIELDS)
+        writer.writeheader()
+        for row in exported:
+            writer.writerow({**row, "mechanism_params": json.dumps(row["mechanism_params"], sort_keys=True)})
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+# --- Audit log ----------------------------------------------------------------------------------
+
+
+@login_required
+def audit_log(request, pk: int):
+    federation = _federation(request, pk)
+    _require(access.can_read_audit(request.user, federation))
+    action = request.GET.get("action") or None
+    page = Paginator(queries.audit_events(federation, action=action), 100).get_page(request.GET.get("page"))
+    for event in page:
+        event.details_text = json.dumps(event.details, sort_keys=True) if event.details else ""
+    context = {
+        **_tabs(request, federation, "audit"),
+        "page": page,
+        "actions": queries.audit_actions(federation),
+        "action": action,
+    }
+    return render(request, "dashboard/audit_log.html", context)

@@ -1,0 +1,379 @@
+"""Reads only the dashboard needs. Callers pass what access.* allows; nothing here decides it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Count, Q, QuerySet
+
+from coordinator import selectors
+from coordinator.dashboard import composition
+from coordinator.models import (
+    AuditEvent,
+    Federation,
+    LedgerEntry,
+    LedgerKind,
+    Membership,
+    MetricPoint,
+    ModelVersion,
+    Round,
+    Site,
+    Task,
+    Update,
+)
+from sitesagent import protocol
+
+NO_GUARANTEE = "no formal guarantee"
+
+
+def epsilon_text(value: Decimal | None) -> str:
+    """An exact epsilon as people read it (1, 0.25), or the words for a round without one."""
+    if value is None:
+        return NO_GUARANTEE
+    return format(value.normalize(), "f")
+
+
+def _visible(queryset: QuerySet, site_ids: set[int] | None, field: str = "site_id") -> QuerySet:
+    return queryset if site_ids is None else queryset.filter(**{f"{field}__in": site_ids})
+
+
+# --- Federation overview ----------------------------------------------------------------------
+
+
+def rounds_of(federation: Federation) -> list[Round]:
+    """Newest first, each with ``n_tasks`` and ``result`` (the model version it produced, or None)."""
+    rounds = list(
+        federation.rounds.select_related("launched_by", "base_version")
+        .annotate(n_tasks=Count("tasks"))
+        .order_by("-number")
+    )
+    results = result_versions(federation)
+    for round_ in rounds:
+        round_.result = results.get(round_.pk)
+    return rounds
+
+
+def result_versions(federation: Federation) -> dict[int, ModelVersion]:
+    """Model versions keyed by the id of the round that produced them."""
+    return {
+        v.produced_by_id: v for v in federation.versions.filter(produced_by__isnull=False) if v.produced_by_id
+    }
+
+
+def versions_of(federation: Federation) -> list[ModelVersion]:
+    return list(federation.versions.select_related("base", "produced_by").order_by("-number"))
+
+
+def site_case_counts(sites: Iterable[Site]) -> dict[int, int | None]:
+    """What each agent last said about its number of cases."""
+    return {site.pk: _cases_of(site.agent_info) for site in sites}
+
+
+def _cases_of(info: dict[str, Any]) -> int | None:
+    cases = (info or {}).get("cases")
+    if isinstance(cases, bool) or not isinstance(cases, int | float) or cases < 1:
+        return None
+    return int(cases)
+
+
+def dice_points(federation: Federation, site_ids: set[int] | None) -> list[dict[str, Any]]:
+    """The latest Dice each site reported per round, with the case count that weighs it.
+
+    The weight is the case count of the site's update in that round (Update.n_cases), else what
+    its agent last said (site.agent_info["cases"]).
+    """
+    metrics = _visible(
+        MetricPoint.objects.filter(
+            federation=federation, name__in=protocol.METRIC_DICE, round__isnull=False, site__isnull=False
+        ),
+        site_ids,
+    ).select_related("round", "site")
+    update_cases = {
+        (round_id, site_id): n_cases
+        for round_id, site_id, n_cases in Update.objects.filter(
+            task__round__federation=federation
+        ).values_list("task__round_id", "task__site_id", "n_cases")
+    }
+    latest: dict[tuple[int, int, str], MetricPoint] = {}
+    for point in metrics.order_by("id"):
+        latest[(point.round_id, point.site_id, point.name)] = point
+    return [
+        {
+            "round": point.round.number,
+            "site": point.site.name,
+            "name": point.name,
+            "value": point.value,
+            "cases": update_cases.get((point.round_id, point.site_id)) or _cases_of(point.site.agent_info),
+        }
+        for point in latest.values()
+    ]
+
+
+def epsilon_commits(memberships: Iterable[Membership]) -> list[dict[str, Any]]:
+    """Commit entries of these memberships in ledger order: what each site spent in each round."""
+    entries = LedgerEntry.objects.filter(membership__in=list(memberships), kind=LedgerKind.COMMIT)
+    return [
+        {"round": entry.round.number, "site": entry.membership.site.name, "epsilon": entry.epsilon}
+        for entry in entries.select_related("round", "membership__site").order_by("id")
+    ]
+
+
+# --- Sites --------------------------------------------------------------------------------------
+
+
+def device_kind(info: dict[str, Any]) -> str | None:
+    device = str((info or {}).get("device") or "")
+    if not device:
+        return None
+    return "GPU" if device.startswith(("cuda", "gpu", "mps")) else "CPU"
+
+
+def data_check_summary(info: dict[str, Any]) -> dict[str, Any] | None:
+    """What the agent's data check found, in a form a page can show: ok, problems, and the rest."""
+    check = (info or {}).get("data_check")
+    if check is None:
+        return None
+    if not isinstance(check, dict):
+        return {"ok": None, "problems": [], "facts": [("summary", str(check))]}
+    problems = check.get("problems") or check.get("errors") or []
+    if isinstance(problems, str):
+        problems = [problems]
+    ok = check.get("ok")
+    if ok is None:
+        ok = not problems
+    facts = [
+        (key.replace("_", " "), value if isinstance(value, str | int | float) else json.dumps(value))
+        for key, value in check.items()
+        if key not in ("ok", "problems", "errors")
+    ]
+    return {"ok": bool(ok), "problems": [str(p) for p in problems], "facts": facts}
+
+
+def site_rows(sites: Iterable[Site]) -> list[dict[str, Any]]:
+    return [
+        {
+            "site": site,
+            "device": device_kind(site.agent_info),
+            "device_name": (site.agent_info or {}).get("device"),
+            "cases": _cases_of(site.agent_info),
+            "check": data_check_summary(site.agent_info),
+            "federations": [m.federation for m in site.memberships.all()],
+        }
+        for site in sites
+    ]
+
+
+def site_tasks(site: Site, federation_ids: Iterable[int], limit: int = 50) -> list[Task]:
+    return list(
+        Task.objects.filter(site=site, round__federation_id__in=list(federation_ids))
+        .select_related("round__federation")
+        .order_by("-round__launched_at")[:limit]
+    )
+
+
+# --- Budgets ------------------------------------------------------------------------------------
+
+
+def budget_rows(memberships: Iterable[Membership]) -> list[dict[str, Any]]:
+    memberships = list(memberships)
+    balances = selectors.balances_for(memberships)
+    return [
+        {
+            "membership": m,
+            "site": m.site.name,
+            "balance": balances[m.pk],
+            "budget": balances[m.pk].budget,
+            "committed": balances[m.pk].committed,
+            "reserved": balances[m.pk].reserved,
+            "remaining": balances[m.pk].remaining,
+        }
+        for m in sorted(memberships, key=lambda m: m.site.name)
+    ]
+
+
+# --- Live round ---------------------------------------------------------------------------------
+
+
+def round_series(round_: Round, tasks: list[Task], metric: str) -> list[dict[str, Any]]:
+    points: dict[int, list[tuple[int, float]]] = {task.site_id: [] for task in tasks}
+    for site_id, step, value in (
+        MetricPoint.objects.filter(round=round_, name=metric, site_id__in=list(points))
+        .order_by("step", "id")
+        .values_list("site_id", "step", "value")
+    ):
+        points[site_id].append((step, value))
+    return [
+        {"site_id": task.site_id, "site": task.site.name, "points": points[task.site_id]} for task in tasks
+    ]
+
+
+def latest_values(
+    round_: Round, site_ids: Iterable[int], names: Iterable[str]
+) -> dict[int, dict[str, float]]:
+    """Each site's most recent value of each metric in this round."""
+    latest: dict[int, dict[str, float]] = {}
+    for site_id, name, value in (
+        MetricPoint.objects.filter(round=round_, site_id__in=list(site_ids), name__in=list(names))
+        .order_by("id")
+        .values_list("site_id", "name", "value")
+    ):
+        latest.setdefault(site_id, {})[name] = value
+    return latest
+
+
+def round_task_rows(round_: Round, tasks: list[Task]) -> list[dict[str, Any]]:
+    updates = {u.task_id: u for u in Update.objects.filter(task__in=tasks)}
+    latest = latest_values(
+        round_, [t.site_id for t in tasks], [*protocol.METRIC_DICE, "train_loss", "throughput"]
+    )
+    rows = []
+    for task in tasks:
+        update = updates.get(task.pk)
+        values = latest.get(task.site_id, {})
+        rows.append(
+            {
+                "task": task,
+                "update": update,
+                "cases": (update.n_cases if update else None) or _cases_of(task.site.agent_info),
+                "dice": {name: values.get(name) for name in protocol.METRIC_DICE},
+                "loss": values.get("train_loss"),
+                "throughput": values.get("throughput"),
+            }
+        )
+    return rows
+
+
+def federated_row(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The case-weighted Dice across the rows that reported it."""
+    result: dict[str, float | None] = {}
+    for name in protocol.METRIC_DICE:
+        reported = [(row["cases"] or 1, row["dice"][name]) for row in rows if row["dice"][name] is not None]
+        weight = sum(w for w, _ in reported)
+        result[name] = sum(w * v for w, v in reported) / weight if weight else None
+    return result
+
+
+# --- Privacy audit ------------------------------------------------------------------------------
+
+
+def ledger_rows(
+    memberships: Iterable[Membership],
+    *,
+    site_id: int | None = None,
+    round_number: int | None = None,
+    kind: str | None = None,
+) -> list[dict[str, Any]]:
+    """Ledger entries with the balance right after each; filters never change those balances."""
+    memberships = list(memberships)
+    budgets = {m.pk: m.budget_epsilon for m in memberships}
+    entries = (
+        LedgerEntry.objects.filter(membership__in=memberships)
+        .select_related(
+            "membership__site", "membership__federation", "round__launched_by", "actor", "actor_site"
+        )
+        .order_by("id")
+    )
+    rows = selectors.ledger_with_balances(entries, budgets)
+    return [
+        row
+        for row in rows
+        if (site_id is None or row["entry"].membership.site_id == site_id)
+        and (round_number is None or row["entry"].round.number == round_number)
+        and (kind is None or row["entry"].kind == kind)
+    ]
+
+
+def composition_rows(
+    memberships: Iterable[Membership], delta: float = composition.DEFAULT_DELTA
+) -> list[dict[str, Any]]:
+    """Per site: what was committed, and the informational bounds on it."""
+    memberships = sorted(memberships, key=lambda m: m.site.name)
+    committed: dict[int, list[Decimal | None]] = {m.pk: [] for m in memberships}
+    for membership_id, epsilon in (
+        LedgerEntry.objects.filter(membership__in=memberships, kind=LedgerKind.COMMIT)
+        .order_by("id")
+        .values_list("membership_id", "epsilon")
+    ):
+        committed[membership_id].append(epsilon)
+    rows = []
+    for m in memberships:
+        exact_sum = sum((e for e in committed[m.pk] if e is not None), Decimal(0))
+        bounds = composition.bounds_for([None if e is None else float(e) for e in committed[m.pk]], delta)
+        rows.append({"membership": m, "site": m.site.name, "committed": exact_sum, "bounds": bounds})
+    return rows
+
+
+EXPORT_FIELDS = [
+    "id",
+    "created_at",
+    "federation",
+    "site",
+    "round",
+    "kind",
+    "mechanism",
+    "mechanism_params",
+    "epsilon",
+    "guarantee",
+    "launched_by",
+    "launched_at",
+    "caused_by",
+    "reason",
+    "budget_after",
+    "committed_after",
+    "reserved_after",
+    "remaining_after",
+    "unprotected_rounds_after",
+]
+
+
+def ledger_export(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ledger rows for CSV and JSON: epsilons as exact decimal strings, None for no guarantee."""
+    exported = []
+    for row in rows:
+        entry, balance = row["entry"], row["balance"]
+        caused_by = entry.actor or entry.actor_site
+        exported.append(
+            {
+                "id": entry.pk,
+                "created_at": entry.created_at.isoformat(),
+                "federation": entry.membership.federation.name,
+                "site": entry.membership.site.name,
+                "round": entry.round.number,
+                "kind": entry.kind,
+                "mechanism": entry.mechanism,
+                "mechanism_params": entry.mechanism_params,
+                "epsilon": None if entry.epsilon is None else str(entry.epsilon),
+                "guarantee": "pure epsilon-DP" if entry.epsilon is not None else NO_GUARANTEE,
+                "launched_by": entry.round.launched_by.get_username() if entry.round.launched_by else None,
+                "launched_at": entry.round.launched_at.isoformat(),
+                "caused_by": str(caused_by) if caused_by else "coordinator",
+                "reason": entry.reason,
+                "budget_after": str(balance.budget),
+                "committed_after": str(balance.committed),
+                "reserved_after": str(balance.reserved),
+                "remaining_after": str(balance.remaining),
+                "unprotected_rounds_after": balance.unprotected_rounds,
+            }
+        )
+    return exported
+
+
+# --- Audit log ----------------------------------------------------------------------------------
+
+
+def audit_events(federation: Federation, *, action: str | None = None) -> QuerySet[AuditEvent]:
+    """The federation's events, and those about its sites that belong to no federation (tokens)."""
+    site_ids = federation.memberships.values_list("site_id", flat=True)
+    events = AuditEvent.objects.filter(
+        Q(federation=federation) | Q(federation__isnull=True, site_id__in=site_ids)
+    ).select_related("actor", "actor_site", "site", "round")
+    if action:
+        events = events.filter(action=action)
+    return events.order_by("-id")
+
+
+def audit_actions(federation: Federation) -> list[str]:
+    return sorted(set(audit_events(federation).values_list("action", flat=True)))
