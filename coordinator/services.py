@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
@@ -889,7 +890,9 @@ def round_aggregate(*, round_id: int) -> str:
 
     from coordinator.aggregation import UpdateRejected, aggregate, validate_update
 
-    round_ = Round.objects.select_related("federation", "base_version").get(pk=round_id)
+    round_ = Round.objects.select_related("federation", "base_version").filter(pk=round_id).first()
+    if round_ is None:
+        return f"there is no round {round_id}"
     if round_.state != RoundState.AGGREGATING:
         return f"round already {round_.state}"
     federation = round_.federation
@@ -922,6 +925,8 @@ def round_aggregate(*, round_id: int) -> str:
         device=settings.AGGREGATION_DEVICE,
     )
     data = weights.state_to_bytes(weights.unflatten(flat, base_state))
+    if settings.AGGREGATION_PAUSE_SECONDS:
+        time.sleep(settings.AGGREGATION_PAUSE_SECONDS)
     return _round_store_result(round_id=round_id, data=data)
 
 

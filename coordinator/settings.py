@@ -151,6 +151,8 @@ CELERY_BEAT_SCHEDULE = {
     }
 }
 
+# Fault-injection for the exactly-once tests: seconds an aggregation pauses before storing.
+AGGREGATION_PAUSE_SECONDS = float(env_int("AGGREGATION_PAUSE_SECONDS", 0))
 AGGREGATION_DEVICE = env_str("AGGREGATION_DEVICE", "auto")
 if AGGREGATION_DEVICE not in ("auto", "cpu", "cuda"):
     raise ImproperlyConfigured(f"AGGREGATION_DEVICE must be auto, cpu or cuda, not {AGGREGATION_DEVICE!r}")
