@@ -32,9 +32,9 @@ def _layout(title: str, *, x: str, y: str, **extra: Any) -> dict[str, Any]:
         "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 15}},
         "xaxis": {"title": {"text": x}, "zeroline": False},
         "yaxis": {"title": {"text": y}, "zeroline": False},
-        "margin": {"l": 60, "r": 20, "t": 44, "b": 48},
-        "height": 320,
-        "legend": {"orientation": "h", "y": -0.22},
+        "margin": {"l": 60, "r": 20, "t": 44, "b": 100},
+        "height": 360,
+        "legend": {"orientation": "h", "x": 0, "y": -0.24, "yanchor": "top"},
         "paper_bgcolor": "#ffffff",
         "plot_bgcolor": "#ffffff",
         "font": {"family": "system-ui, -apple-system, Segoe UI, sans-serif", "size": 12},
@@ -155,6 +155,7 @@ def dice_heatmap(points: Iterable[Mapping[str, Any]], *, metric: str = "dice_mea
             xaxis={"dtick": 1, "type": "category"},
             yaxis={"automargin": True},
             height=max(220, 90 + 36 * len(sites)),
+            margin={"b": 50},
         ),
     }
     if not sites:
@@ -281,4 +282,4 @@ def site_series(series: Iterable[Mapping[str, Any]], *, metric: str, title: str,
                 "hovertemplate": f"{one['site']}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
             }
         )
-    return {"data": traces, "layout": _layout(title, x="training step", y=y, height=300)}
+    return {"data": traces, "layout": _layout(title, x="training step", y=y, height=340)}

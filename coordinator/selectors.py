@@ -100,3 +100,28 @@ def next_task_for(site_id: int) -> Task | None:
         .order_by("round__launched_at", "id")
         .first()
     )
+
+
+def federated_dice(round_: Round) -> dict[str, float]:
+    """The sites' Dice of the round's base model, averaged weighted by each site's validation cases.
+
+    Agents evaluate the base model on their own validation cases before training (DESIGN 5.2)
+    and report dice_et, dice_wt, dice_tc and dice_mean; the latest report per site counts.
+    """
+    from coordinator.models import MetricPoint
+    from sitesagent.protocol import METRIC_DICE
+
+    latest: dict[tuple[int, str], float] = {}
+    weights: dict[int, float] = {}
+    points = (
+        MetricPoint.objects.filter(round=round_, name__in=METRIC_DICE).select_related("site").order_by("id")
+    )
+    for point in points:
+        latest[(point.site_id, point.name)] = point.value
+        weights[point.site_id] = float(point.site.agent_info.get("validation_cases") or 1)
+    result = {}
+    for name in METRIC_DICE:
+        values = [(value, weights[site]) for (site, metric), value in latest.items() if metric == name]
+        if values:
+            result[name] = sum(v * w for v, w in values) / sum(w for _, w in values)
+    return result

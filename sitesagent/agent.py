@@ -85,15 +85,29 @@ class Agent:
         except TaskRefused as refusal:
             log.warning("refusing task %s: %s", task_id, refusal)
             self.state.record_refused(task_id, str(refusal))
-            self.client.report(task_id, protocol.TASK_DROPPED, reason=f"refused by the site: {refusal}")
+            self._drop(task_id, f"refused by the site: {refusal}")
             return "refused"
         update_file = self._update_file(task_id)
         if self.state.task(task_id).get("status") != "pending_upload" or not update_file.exists():
-            data = self._train_and_protect(task)
+            try:
+                data = self._train_and_protect(task)
+            except (ConnectionError, KeyboardInterrupt):
+                raise  # the task stays open: the agent resumes it when it can reach the coordinator
+            except Exception as error:  # noqa: BLE001 - one failed task must not stop the agent
+                log.exception("task %s failed", task_id)
+                self.state.record_failed(task_id, str(error))
+                self._drop(task_id, f"the site could not finish the task: {error}")
+                return "failed"
             update_file.parent.mkdir(parents=True, exist_ok=True)
             update_file.write_bytes(data)
             self.state.record_pending_upload(task_id, epsilon=epsilon, update_file=update_file)
         return self._upload(task_id, update_file)
+
+    def _drop(self, task_id: int, reason: str) -> None:
+        try:
+            self.client.report(task_id, protocol.TASK_DROPPED, reason=reason[:1000])
+        except CoordinatorError as error:
+            log.warning("could not report task %s as dropped: %s", task_id, error.message)
 
     def _check_site_rules(self, task: dict[str, Any], epsilon: float | None) -> None:
         if task["mechanism"] in protocol.UNPROTECTED_MECHANISMS and not self.config.allow_unprotected:
@@ -144,7 +158,7 @@ class Agent:
             "cases": len(self._dataset["train"]) + len(self._dataset["val"]),
             "train_cases": len(self._dataset["train"]),
             "validation_cases": len(self._dataset["val"]),
-            "data_check": check.as_dict() if hasattr(check, "as_dict") else dict(check),
+            "data_check": check.to_dict(),
             "max_epsilon": self.config.max_epsilon,
             "spent_epsilon": self.state.spent_epsilon,
             "allows_unprotected": self.config.allow_unprotected,
@@ -178,6 +192,8 @@ class Agent:
 
         base_flat = state_to_flat(base_state)
         delta = state_to_flat(model.state_dict()) - base_flat
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError("training diverged: the trained weights are not finite numbers")
         indices, values = self._protect(task, delta / result.n_iterations)
         values = values * result.n_iterations
         return encode_update(
@@ -209,9 +225,11 @@ class Agent:
         from sitesagent.training import TrainConfig
 
         params = task["training_params"]
+        max_iterations = int(params.get("max_iterations") or 0)
         return TrainConfig(
-            local_epochs=int(params.get("local_epochs", 1)),
-            max_iterations=int(params.get("max_iterations", 0)),
+            # With max_iterations set, the epoch count is ignored (but must still be valid).
+            local_epochs=max(1, int(params.get("local_epochs") or 1)),
+            max_iterations=max_iterations or None,
             batch_size=int(params.get("batch_size", 1)),
             lr=float(params.get("lr", 1e-4)),
             roi_size=int(params.get("roi_size", 64)),
@@ -242,7 +260,9 @@ class _StreamingHooks:
         if now - self._last_report >= self.report_every or iteration == total:
             self._last_report = now
             try:
-                self.agent.client.report(self.task_id, protocol.TASK_TRAINING, progress=min(1.0, iteration / max(total, 1)))
+                self.agent.client.report(
+                    self.task_id, protocol.TASK_TRAINING, progress=min(1.0, iteration / max(total, 1))
+                )
             except (ConnectionError, CoordinatorError) as error:
                 log.warning("could not report progress: %s", error)
 

@@ -32,22 +32,43 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path, help="folder to write the cases into")
     synth.add_argument("--cases", required=True, type=int, help="how many cases")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.add_argument("--style", type=int, default=0, help="the site's scanner character, 0, 1, 2, ... (default 0)")
-    synth.add_argument("--size", default="small",
-                       help="'small' (48^3, for CPU), 'brats' (240x240x155) or a whole number N for N^3")
+    synth.add_argument(
+        "--style", type=int, default=0, help="the site's scanner character, 0, 1, 2, ... (default 0)"
+    )
+    synth.add_argument(
+        "--size",
+        default="small",
+        help="'small' (48^3, for CPU), 'brats' (240x240x155) or a whole number N for N^3",
+    )
 
-    run = commands.add_parser("run", help="take tasks from the coordinator, train, and upload protected updates")
+    run = commands.add_parser(
+        "run", help="take tasks from the coordinator, train, and upload protected updates"
+    )
     run.add_argument("--server", required=True, help="the coordinator's URL, e.g. https://fl.example.org")
-    run.add_argument("--token", default=os.environ.get("SITE_TOKEN"),
-                     help="this site's token (or set SITE_TOKEN, which keeps it out of process listings)")
+    run.add_argument(
+        "--token",
+        default=os.environ.get("SITE_TOKEN"),
+        help="this site's token (or set SITE_TOKEN, which keeps it out of process listings)",
+    )
     run.add_argument("--data", required=True, type=Path, help="the site's cases in the BraTS layout")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run.add_argument("--max-epsilon", type=_positive_float, default=None,
-                     help="this site's own epsilon limit over all tasks; the coordinator cannot override it")
-    run.add_argument("--allow-unprotected", action="store_true",
-                     help="accept tasks with no formal privacy guarantee (none, partial sharing); off by default")
-    run.add_argument("--state-file", type=Path, default=None,
-                     help="where the agent remembers its spend and uploads (default: DATA/.sitesagent-state.json)")
+    run.add_argument(
+        "--max-epsilon",
+        type=_positive_float,
+        default=None,
+        help="this site's own epsilon limit over all tasks; the coordinator cannot override it",
+    )
+    run.add_argument(
+        "--allow-unprotected",
+        action="store_true",
+        help="accept tasks with no formal privacy guarantee (none, partial sharing); off by default",
+    )
+    run.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="where the agent remembers its spend and uploads (default: DATA/.sitesagent-state.json)",
+    )
     run.add_argument("--once", action="store_true", help="finish after one task")
     run.add_argument("--poll-seconds", type=float, default=10.0, help="how often to ask for work when idle")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on the terminal")
@@ -68,8 +89,14 @@ def _synth(args: argparse.Namespace) -> int:
     size: str | int = int(args.size) if args.size.isdigit() else args.size
     try:
         folders = write_synthetic_cases(
-            args.out, args.cases, seed=args.seed, style=args.style, size=size,
-            on_case=lambda i, total: print(f"\rwriting case {i}/{total}", end="", file=sys.stderr, flush=True),
+            args.out,
+            args.cases,
+            seed=args.seed,
+            style=args.style,
+            size=size,
+            on_case=lambda i, total: print(
+                f"\rwriting case {i}/{total}", end="", file=sys.stderr, flush=True
+            ),
         )
     except ValueError as error:
         print(f"\nerror: {error}", file=sys.stderr)
@@ -80,7 +107,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if not args.token:
-        print("error: give the site's token with --token or the SITE_TOKEN environment variable", file=sys.stderr)
+        print(
+            "error: give the site's token with --token or the SITE_TOKEN environment variable",
+            file=sys.stderr,
+        )
         return 2
     from sitesagent.agent import Agent, AgentConfig
 

@@ -87,7 +87,9 @@ class Client:
 
     def upload(self, task_id: int, data: bytes) -> dict[str, Any]:
         response = self.request(
-            "PUT", f"/api/agent/tasks/{task_id}/update/", content=data,
+            "PUT",
+            f"/api/agent/tasks/{task_id}/update/",
+            content=data,
             headers={"Content-Type": "application/octet-stream"},
         )
         return response.json()
@@ -166,7 +168,9 @@ class LiveChannel:
                 batches = self._take_batches()
                 for task_id, points in batches.items():
                     sequence += 1
-                    socket.send(json.dumps({"type": "metrics", "task": task_id, "points": points, "seq": sequence}))
+                    socket.send(
+                        json.dumps({"type": "metrics", "task": task_id, "points": points, "seq": sequence})
+                    )
                     self.sent_over_websocket += len(points)
 
     def _read_notifications(self, socket) -> None:

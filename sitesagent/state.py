@@ -82,3 +82,7 @@ class AgentState:
     def record_refused(self, task_id: int, reason: str) -> None:
         self.tasks[str(task_id)] = {"status": "refused", "reason": reason}
         self.save()
+
+    def record_failed(self, task_id: int, reason: str) -> None:
+        self.tasks[str(task_id)] = {"status": "failed", "reason": reason}
+        self.save()
