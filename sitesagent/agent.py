@@ -166,10 +166,9 @@ class Agent:
 
     def _train_and_protect(self, task: dict[str, Any]) -> bytes:
         import torch
-
-        from sitesagent.model import ModelConfig, build_model, state_to_flat
         from safetensors.torch import load as load_safetensors
 
+        from sitesagent.model import ModelConfig, build_model, state_to_flat
         from sitesagent.training import evaluate, train
         from sitesagent.updates import encode_update
 
