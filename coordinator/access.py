@@ -115,6 +115,11 @@ def memberships_visible_to(user: Any, federation: Federation) -> QuerySet[Member
     return memberships.filter(site__admins=user)
 
 
+def can_change_budget(user: Any, membership: Membership) -> bool:
+    """Whether to offer a budget change at all; budget_change_refusal judges each new value."""
+    return is_coordinator(user, membership.federation) or is_site_admin(user, membership.site)
+
+
 def budget_change_refusal(user: Any, membership: Membership, new_budget: Decimal) -> str | None:
     """Why ``user`` may not set this budget, or None when they may."""
     if is_coordinator(user, membership.federation):

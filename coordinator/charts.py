@@ -218,7 +218,9 @@ def epsilon_spent(commits: Iterable[Mapping[str, Any]]) -> Figure:
             )
     figure = {
         "data": traces,
-        "layout": _layout("Epsilon spent per site", x="round", y="ε committed (sum)", xaxis={"dtick": 1}),
+        "layout": _layout(
+            "Epsilon spent per site", x="round", y="ε committed (sum)", xaxis={"dtick": 1}, showlegend=True
+        ),
     }
     if not traces:
         return _with_note(figure, "No epsilon committed yet")

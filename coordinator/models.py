@@ -251,6 +251,9 @@ class Update(models.Model):
     rejection_reason = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
+    def __str__(self) -> str:
+        return f"update for {self.task} ({self.status})"
+
 
 class LedgerKind(models.TextChoices):
     RESERVE = "reserve"
@@ -298,6 +301,9 @@ class MetricPoint(models.Model):
     class Meta:
         indexes = [models.Index(fields=["round", "site", "name", "step"])]
 
+    def __str__(self) -> str:
+        return f"{self.name}[{self.step}] = {self.value:g}"
+
 
 class AuditEvent(AppendOnlyModel):
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, related_name="+")
@@ -327,3 +333,6 @@ class PersonalToken(models.Model):
     token_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(default=timezone.now)
     revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.user})"

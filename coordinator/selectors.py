@@ -6,8 +6,21 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from typing import Any
 
-from coordinator.models import LedgerEntry, LedgerKind, Membership, Round, RoundState, Task, TaskState
+from coordinator.models import (
+    Federation,
+    LedgerEntry,
+    LedgerKind,
+    Membership,
+    MetricPoint,
+    Round,
+    RoundState,
+    Task,
+    TaskState,
+    Update,
+)
+from sitesagent import protocol
 
 ZERO = Decimal(0)
 
@@ -102,26 +115,46 @@ def next_task_for(site_id: int) -> Task | None:
     )
 
 
-def federated_dice(round_: Round) -> dict[str, float]:
-    """The sites' Dice of the round's base model, averaged weighted by each site's validation cases.
+def dice_points(
+    federation: Federation, site_ids: set[int] | None = None, *, round_: Round | None = None
+) -> list[dict[str, Any]]:
+    """The latest Dice each site reported per round, with the case count that weighs it.
 
-    Agents evaluate the base model on their own validation cases before training (DESIGN 5.2)
-    and report dice_et, dice_wt, dice_tc and dice_mean; the latest report per site counts.
+    The weight is the case count of the site's update in that round (Update.n_cases), else what
+    its agent last said (site.agent_info["cases"]). ``site_ids`` limits it to those sites
+    (None: all), ``round_`` to one round. charts.federated_dice averages them.
     """
-    from coordinator.models import MetricPoint
-    from sitesagent.protocol import METRIC_DICE
+    metrics = MetricPoint.objects.filter(
+        federation=federation, name__in=protocol.METRIC_DICE, round__isnull=False, site__isnull=False
+    ).select_related("round", "site")
+    if site_ids is not None:
+        metrics = metrics.filter(site_id__in=site_ids)
+    if round_ is not None:
+        metrics = metrics.filter(round=round_)
+    update_cases = {
+        (round_id, site_id): n_cases
+        for round_id, site_id, n_cases in Update.objects.filter(
+            task__round__federation=federation
+        ).values_list("task__round_id", "task__site_id", "n_cases")
+    }
+    latest: dict[tuple[int, int, str], MetricPoint] = {}
+    for point in metrics.order_by("id"):
+        latest[(point.round_id, point.site_id, point.name)] = point
+    return [
+        {
+            "round": point.round.number,
+            "site": point.site.name,
+            "name": point.name,
+            "value": point.value,
+            "cases": update_cases.get((point.round_id, point.site_id)) or case_count(point.site.agent_info),
+        }
+        for point in latest.values()
+    ]
 
-    latest: dict[tuple[int, str], float] = {}
-    weights: dict[int, float] = {}
-    points = (
-        MetricPoint.objects.filter(round=round_, name__in=METRIC_DICE).select_related("site").order_by("id")
-    )
-    for point in points:
-        latest[(point.site_id, point.name)] = point.value
-        weights[point.site_id] = float(point.site.agent_info.get("validation_cases") or 1)
-    result = {}
-    for name in METRIC_DICE:
-        values = [(value, weights[site]) for (site, metric), value in latest.items() if metric == name]
-        if values:
-            result[name] = sum(v * w for v, w in values) / sum(w for _, w in values)
-    return result
+
+def case_count(info: dict[str, Any] | None) -> int | None:
+    """The number of cases an agent says it has, when it said a usable one."""
+    cases = (info or {}).get("cases")
+    if isinstance(cases, bool) or not isinstance(cases, int | float) or cases < 1:
+        return None
+    return int(cases)

@@ -682,9 +682,8 @@ def update_accept(*, task: Task, data: bytes) -> Update:
     recorded as rejected with its reason, and its epsilon is committed all the same: its values
     left the site. The round goes on without it.
     """
-    from sitesagent.updates import UpdateError, decode_update
-
     from coordinator.aggregation import UpdateRejected, validate_update
+    from sitesagent.updates import UpdateError, decode_update
 
     digest = storage.sha256_of(data)
     existing = Update.objects.filter(task=task).first()
@@ -944,7 +943,7 @@ def _round_store_result(*, round_id: int, data: bytes) -> str:
         _release_open_reservations(round_, reason="round done")
         _send_round_event(round_)
         events.send_on_commit(
-            [events.federation_group(round_.federation_id)],
+            [events.federation_group(round_.federation_id), events.round_group(round_.pk)],
             {"type": "version.created", "round": round_.pk, "version": version.pk, "number": version.number},
         )
         _launch_next_if_back_to_back(round_)

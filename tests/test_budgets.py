@@ -29,7 +29,7 @@ def _membership(federation, site):
 )
 def test_bad_budgets_are_refused_and_nothing_changes(client_for, alice, federation, sites, budget_json, words):
     membership = _membership(federation, sites["A"][0])
-    body = '{"budget": %s, "reason": "typo"}' % budget_json
+    body = f'{{"budget": {budget_json}, "reason": "typo"}}'
     response = client_for(alice).generic(
         "PATCH", f"/api/memberships/{membership.pk}/", body, content_type="application/json"
     )

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 
 from coordinator.models import Federation, LedgerKind, Mechanism
 from sitesagent import protocol
 
-EPSILON = {"max_digits": 24, "decimal_places": 12, "min_value": Decimal(0)}
+EPSILON: dict[str, Any] = {"max_digits": 24, "decimal_places": 12, "min_value": Decimal(0)}
 MECHANISM_FIELDS = ("fraction", "gamma", "tau", "eps_threshold", "eps_query", "eps_release")
 MECHANISM_HELP = {
     "fraction": "Q: the share of coordinates a site may release",
@@ -39,12 +39,12 @@ class SiteRegisterForm(forms.Form):
 
     def __init__(self, *args: Any, federations=None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.fields["federation"].queryset = (
+        cast(forms.ModelChoiceField, self.fields["federation"]).queryset = (
             federations if federations is not None else Federation.objects.none()
         )
 
     def clean(self):
-        data = super().clean()
+        data = super().clean() or {}
         if data.get("federation") is not None:
             if data.get("budget") is None:
                 self.add_error("budget", "A site joining a federation needs a budget.")
@@ -61,7 +61,7 @@ class MembershipAddForm(forms.Form):
 
     def __init__(self, *args: Any, federations=None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.fields["federation"].queryset = (
+        cast(forms.ModelChoiceField, self.fields["federation"]).queryset = (
             federations if federations is not None else Federation.objects.none()
         )
 
@@ -96,11 +96,9 @@ class LaunchForm(forms.Form):
         help_text="each next round starts as soon as the one before is done",
     )
 
-    def __init__(
-        self, *args: Any, federation: Federation, site_choices: list[tuple[int, str]], **kwargs: Any
-    ):
+    def __init__(self, *args: Any, site_choices: list[tuple[int, str]], **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.fields["sites"].choices = site_choices
+        cast(forms.ChoiceField, self.fields["sites"]).choices = site_choices
         for name in MECHANISM_FIELDS:
             self.fields[name].help_text = MECHANISM_HELP[name]
             self.fields[name].widget.attrs.update(step="any", **{"data-param": name})
@@ -120,8 +118,8 @@ class LaunchForm(forms.Form):
         }
 
     def clean(self):
-        data = super().clean()
-        mechanism = data.get("mechanism")
+        data = super().clean() or {}
+        mechanism = data.get("mechanism") or ""
         for name in protocol.MECHANISM_PARAMS.get(mechanism, ()):
             if data.get(name) is None and name not in self.errors:
                 self.add_error(name, f"{mechanism} needs {name}.")
@@ -151,7 +149,7 @@ class LedgerFilterForm(forms.Form):
 
     def __init__(self, *args: Any, site_choices: list[tuple[int, str]], **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.fields["site"].choices = [("", "all sites"), *site_choices]
+        cast(forms.ChoiceField, self.fields["site"]).choices = [("", "all sites"), *site_choices]
 
     def filters(self) -> dict[str, Any]:
         if not self.is_valid():

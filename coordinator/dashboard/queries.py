@@ -69,47 +69,7 @@ def versions_of(federation: Federation) -> list[ModelVersion]:
 
 def site_case_counts(sites: Iterable[Site]) -> dict[int, int | None]:
     """What each agent last said about its number of cases."""
-    return {site.pk: _cases_of(site.agent_info) for site in sites}
-
-
-def _cases_of(info: dict[str, Any]) -> int | None:
-    cases = (info or {}).get("cases")
-    if isinstance(cases, bool) or not isinstance(cases, int | float) or cases < 1:
-        return None
-    return int(cases)
-
-
-def dice_points(federation: Federation, site_ids: set[int] | None) -> list[dict[str, Any]]:
-    """The latest Dice each site reported per round, with the case count that weighs it.
-
-    The weight is the case count of the site's update in that round (Update.n_cases), else what
-    its agent last said (site.agent_info["cases"]).
-    """
-    metrics = _visible(
-        MetricPoint.objects.filter(
-            federation=federation, name__in=protocol.METRIC_DICE, round__isnull=False, site__isnull=False
-        ),
-        site_ids,
-    ).select_related("round", "site")
-    update_cases = {
-        (round_id, site_id): n_cases
-        for round_id, site_id, n_cases in Update.objects.filter(
-            task__round__federation=federation
-        ).values_list("task__round_id", "task__site_id", "n_cases")
-    }
-    latest: dict[tuple[int, int, str], MetricPoint] = {}
-    for point in metrics.order_by("id"):
-        latest[(point.round_id, point.site_id, point.name)] = point
-    return [
-        {
-            "round": point.round.number,
-            "site": point.site.name,
-            "name": point.name,
-            "value": point.value,
-            "cases": update_cases.get((point.round_id, point.site_id)) or _cases_of(point.site.agent_info),
-        }
-        for point in latest.values()
-    ]
+    return {site.pk: selectors.case_count(site.agent_info) for site in sites}
 
 
 def epsilon_commits(memberships: Iterable[Membership]) -> list[dict[str, Any]]:
@@ -131,8 +91,16 @@ def device_kind(info: dict[str, Any]) -> str | None:
     return "GPU" if device.startswith(("cuda", "gpu", "mps")) else "CPU"
 
 
+# What a data check reports (sitesagent.data.DataCheck.to_dict), in the order a page shows it.
+DATA_CHECK_FACTS = ("n_cases", "shapes", "spacings", "orientations", "cases_with_region", "label_voxels")
+
+
 def data_check_summary(info: dict[str, Any]) -> dict[str, Any] | None:
-    """What the agent's data check found, in a form a page can show: ok, problems, and the rest."""
+    """What the agent's data check found, for a page: ok, problems, and the facts it reported.
+
+    Agents send problem counts, not messages (those name files, and so may name patients);
+    messages are shown when an agent sends them anyway.
+    """
     check = (info or {}).get("data_check")
     if check is None:
         return None
@@ -141,26 +109,44 @@ def data_check_summary(info: dict[str, Any]) -> dict[str, Any] | None:
     problems = check.get("problems") or check.get("errors") or []
     if isinstance(problems, str):
         problems = [problems]
+    problems = [str(p) for p in problems]
+    n_problems = check.get("n_problems")
+    if not problems and isinstance(n_problems, int) and n_problems > 0:
+        problems = [f"{n_problems} case(s) failed the check (the details stay at the site)"]
     ok = check.get("ok")
     if ok is None:
         ok = not problems
-    facts = [
-        (key.replace("_", " "), value if isinstance(value, str | int | float) else json.dumps(value))
-        for key, value in check.items()
-        if key not in ("ok", "problems", "errors")
-    ]
-    return {"ok": bool(ok), "problems": [str(p) for p in problems], "facts": facts}
+    keys = [k for k in DATA_CHECK_FACTS if k in check] + sorted(
+        k for k in check if k not in DATA_CHECK_FACTS and k not in ("ok", "problems", "errors", "n_problems")
+    )
+    facts = [(key.replace("_", " "), _fact(check[key])) for key in keys]
+    return {"ok": bool(ok), "problems": problems, "facts": facts}
 
 
-def site_rows(sites: Iterable[Site]) -> list[dict[str, Any]]:
+def _fact(value: Any) -> str:
+    if isinstance(value, str | int | float):
+        return str(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items())
+    if isinstance(value, list) and all(isinstance(v, list) for v in value):
+        return "; ".join(" × ".join(str(x) for x in v) for v in value)
+    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        return ", ".join(str(v) for v in value)
+    return json.dumps(value)
+
+
+def site_rows(sites: Iterable[Site], federation_ids: set[int]) -> list[dict[str, Any]]:
+    """What the sites page shows of each site; only the federations in ``federation_ids`` are named."""
     return [
         {
             "site": site,
             "device": device_kind(site.agent_info),
             "device_name": (site.agent_info or {}).get("device"),
-            "cases": _cases_of(site.agent_info),
+            "cases": selectors.case_count(site.agent_info),
             "check": data_check_summary(site.agent_info),
-            "federations": [m.federation for m in site.memberships.all()],
+            "federations": [
+                m.federation for m in site.memberships.all() if m.federation_id in federation_ids
+            ],
         }
         for site in sites
     ]
@@ -237,7 +223,7 @@ def round_task_rows(round_: Round, tasks: list[Task]) -> list[dict[str, Any]]:
             {
                 "task": task,
                 "update": update,
-                "cases": (update.n_cases if update else None) or _cases_of(task.site.agent_info),
+                "cases": (update.n_cases if update else None) or selectors.case_count(task.site.agent_info),
                 "dice": {name: values.get(name) for name in protocol.METRIC_DICE},
                 "loss": values.get("train_loss"),
                 "throughput": values.get("throughput"),

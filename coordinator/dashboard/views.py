@@ -17,7 +17,7 @@ from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from coordinator import access, charts, privacy_preview, services
+from coordinator import access, charts, privacy_preview, selectors, services
 from coordinator.dashboard import composition, queries
 from coordinator.dashboard.forms import (
     BudgetForm,
@@ -72,6 +72,10 @@ def _tabs(request, federation: Federation, tab: str) -> dict:
         "can_read_audit": access.can_read_audit(request.user, federation),
         "scoped_to_own_sites": site_ids is not None,
     }
+
+
+def _form_errors(form) -> str:
+    return "; ".join(f"{name}: {' '.join(str(e) for e in errors)}" for name, errors in form.errors.items())
 
 
 def _coordinated_federations(user):
@@ -131,7 +135,7 @@ def federation(request, pk: int):
     federation = _federation(request, pk)
     site_ids = access.site_ids_visible_in(request.user, federation)
     memberships = access.memberships_visible_to(request.user, federation)
-    dice = queries.dice_points(federation, site_ids)
+    dice = selectors.dice_points(federation, site_ids)
     title = "Federated Dice" if site_ids is None else "Dice of your site"
     figures = {
         "dice": charts.dice_over_rounds(dice, title=title),
@@ -146,7 +150,6 @@ def federation(request, pk: int):
             "rounds": queries.rounds_of(federation),
             "versions": queries.versions_of(federation),
             "figures": figures,
-            "n_sites": memberships.count(),
         },
     )
 
@@ -162,6 +165,7 @@ def budgets(request, pk: int):
         return _budget_change(request, federation, memberships)
     rows = queries.budget_rows(memberships)
     for row in rows:
+        row["can_change"] = access.can_change_budget(request.user, row["membership"])
         row["form"] = BudgetForm(
             initial={
                 "membership": row["membership"].pk,
@@ -177,7 +181,7 @@ def budgets(request, pk: int):
 def _budget_change(request, federation: Federation, memberships):
     form = BudgetForm(request.POST)
     if not form.is_valid():
-        messages.error(request, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+        messages.error(request, _form_errors(form))
         return redirect("dashboard-budgets", pk=federation.pk)
     membership = get_object_or_404(memberships, pk=form.cleaned_data["membership"])
     consent = form.cleaned_data["allows_unprotected_sharing"]
@@ -207,13 +211,13 @@ def _launch_form(request, federation: Federation, data=None) -> LaunchForm:
     memberships = access.memberships_visible_to(request.user, federation).order_by("site__name")
     choices = [(m.site_id, m.site.name) for m in memberships]
     initial = LaunchForm.initial_for(federation, [site_id for site_id, _ in choices])
-    return LaunchForm(data, initial=initial, federation=federation, site_choices=choices)
+    return LaunchForm(data, initial=initial, site_choices=choices)
 
 
 def _preview(federation: Federation, form: LaunchForm) -> dict:
     """The privacy preview of a launch form, or why there is none."""
     if not form.is_valid():
-        return {"errors": [f"{name}: {' '.join(e)}" for name, e in form.errors.items()]}
+        return {"errors": [_form_errors(form)]}
     kwargs = form.launch_kwargs()
     try:
         preview = privacy_preview.preview(
@@ -296,6 +300,17 @@ def launch_preview(request, pk: int):
 # --- Live round ---------------------------------------------------------------------------------
 
 
+def _round_figures(round_: Round, tasks) -> dict:
+    """Loss and throughput per site so far; the page extends them from websocket messages."""
+    return {
+        key: charts.site_series(queries.round_series(round_, tasks, metric), metric=metric, title=title, y=y)
+        for key, metric, title, y in [
+            ("loss", protocol.METRIC_TRAIN_LOSS, "Training loss", "Dice loss"),
+            ("throughput", protocol.METRIC_THROUGHPUT, "Throughput", "samples / s"),
+        ]
+    }
+
+
 @login_required
 def round_detail(request, pk: int):
     round_ = _round(request, pk)
@@ -303,31 +318,16 @@ def round_detail(request, pk: int):
     tasks = list(access.tasks_visible_to(request.user, round_).order_by("site__name"))
     site_ids = access.site_ids_visible_in(request.user, federation)
     rows = queries.round_task_rows(round_, tasks)
-    figures = {
-        "loss": charts.site_series(
-            queries.round_series(round_, tasks, protocol.METRIC_TRAIN_LOSS),
-            metric=protocol.METRIC_TRAIN_LOSS,
-            title="Training loss",
-            y="Dice loss",
-        ),
-        "throughput": charts.site_series(
-            queries.round_series(round_, tasks, protocol.METRIC_THROUGHPUT),
-            metric=protocol.METRIC_THROUGHPUT,
-            title="Throughput",
-            y="samples / s",
-        ),
-    }
-    excluded = [e for e in round_.excluded_sites if site_ids is None or e.get("site") in site_ids]
     context = {
         **_tabs(request, federation, "rounds"),
         "round": round_,
         "rows": rows,
         "federated": queries.federated_row(rows),
-        "excluded": excluded,
-        "figures": figures,
+        # Why other sites were left out names their balances: only for those who may see them.
+        "excluded": [e for e in round_.excluded_sites if site_ids is None or e.get("site") in site_ids],
+        "figures": _round_figures(round_, tasks),
         "result_version": queries.result_versions(federation).get(round_.pk),
         "epsilon": queries.epsilon_text(round_.epsilon_per_site),
-        "abort_form": ReasonForm(),
     }
     return render(request, "dashboard/round.html", context)
 
@@ -362,14 +362,16 @@ def sites(request):
         _require(can_register)
         if form.is_valid():
             return _register(request, form)
+    context = {"rows": _site_rows(request), "form": form if can_register else None}
+    return render(request, "dashboard/sites.html", context)
+
+
+def _site_rows(request) -> list[dict]:
     visible = (
         access.sites_visible_to(request.user).prefetch_related("memberships__federation").order_by("name")
     )
-    return render(
-        request,
-        "dashboard/sites.html",
-        {"rows": queries.site_rows(visible), "form": form if can_register else None},
-    )
+    federation_ids = set(access.federations_visible_to(request.user).values_list("pk", flat=True))
+    return queries.site_rows(visible, federation_ids)
 
 
 def _register(request, form: SiteRegisterForm) -> HttpResponse:
@@ -378,8 +380,7 @@ def _register(request, form: SiteRegisterForm) -> HttpResponse:
         site, token = services.site_register(name=data["name"], registered_by=request.user)
     except ServiceError as error:
         form.add_error("name", error.message)
-        visible = access.sites_visible_to(request.user).order_by("name")
-        return render(request, "dashboard/sites.html", {"rows": queries.site_rows(visible), "form": form})
+        return render(request, "dashboard/sites.html", {"rows": _site_rows(request), "form": form})
     if data["federation"] is not None:
         try:
             services.membership_add(
@@ -408,12 +409,11 @@ def site_detail(request, pk: int):
     joinable = _coordinated_federations(request.user).exclude(memberships__site=site)
     context = {
         "site": site,
-        "row": queries.site_rows([site])[0],
+        "row": queries.site_rows([site], {m.federation_id for m in memberships})[0],
         "budget_rows": queries.budget_rows(memberships),
         "tasks": queries.site_tasks(site, [m.federation_id for m in memberships]),
         "can_manage": access.can_manage_site(request.user, site),
         "join_form": MembershipAddForm(federations=joinable) if joinable.exists() else None,
-        "revoke_form": ReasonForm(),
         "agent_info": json.dumps(site.agent_info, indent=2, sort_keys=True) if site.agent_info else "",
     }
     return render(request, "dashboard/site.html", context)
@@ -446,7 +446,7 @@ def site_join(request, pk: int):
     site = _site(request, pk)
     form = MembershipAddForm(request.POST, federations=_coordinated_federations(request.user))
     if not form.is_valid():
-        messages.error(request, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+        messages.error(request, _form_errors(form))
         return redirect("dashboard-site", pk=site.pk)
     data = form.cleaned_data
     _require(access.can_coordinate(request.user, data["federation"]))
@@ -495,6 +495,7 @@ def privacy_export(request, pk: int, fmt: str):
     _, _, rows = _ledger(request, federation)
     exported = queries.ledger_export(rows)
     filename = f"ledger-{federation.pk}.{fmt}"
+    response: HttpResponse
     if fmt == "json":
         response = JsonResponse(exported, safe=False, json_dumps_params={"indent": 2})
     else:
@@ -516,11 +517,11 @@ def audit_log(request, pk: int):
     _require(access.can_read_audit(request.user, federation))
     action = request.GET.get("action") or None
     page = Paginator(queries.audit_events(federation, action=action), 100).get_page(request.GET.get("page"))
-    for event in page:
-        event.details_text = json.dumps(event.details, sort_keys=True) if event.details else ""
+    rows = [(event, json.dumps(event.details, sort_keys=True) if event.details else "") for event in page]
     context = {
         **_tabs(request, federation, "audit"),
         "page": page,
+        "rows": rows,
         "actions": queries.audit_actions(federation),
         "action": action,
     }

@@ -23,7 +23,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from coordinator import embedded_redis, selectors, services
+from coordinator import charts, embedded_redis, selectors, services
 from coordinator.models import Federation, Membership, Round, RoundState, Site
 
 DEMO_FEDERATION = "Demo federation"
@@ -296,8 +296,8 @@ class Command(BaseCommand):
 def round_line(round_: Round, seconds: float) -> str:
     """One line per finished round: number, contributing sites, federated mean Dice, epsilon spent."""
     contributed = sorted(round_.tasks.filter(state="uploaded").values_list("site__name", flat=True))
-    dice = selectors.federated_dice(round_).get("dice_mean")
-    dice_text = f"{dice:.3f}" if dice is not None else "n/a"
+    series = charts.federated_dice(selectors.dice_points(round_.federation, round_=round_))["dice_mean"]
+    dice_text = f"{series[0][1]:.3f}" if series else "n/a"
     if round_.epsilon_per_site is None:
         epsilon = "no formal guarantee"
     else:
