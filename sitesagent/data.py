@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,7 @@ def _load_header(path: Path) -> Any:
 
 def _read_voxels(path: Path) -> np.ndarray:
     try:
-        return np.asanyarray(nib.load(path).dataobj)
+        return np.asanyarray(nib.load(path).dataobj)  # type: ignore[attr-defined]
     except Exception as error:  # a truncated or corrupt gzip stream surfaces only here
         raise DataError(f"{path}: cannot be read as NIfTI ({type(error).__name__}: {error})") from error
 
@@ -353,7 +353,7 @@ class BratsRegionsd(MapTransform):
     Raises DataError naming the segmentation file when it holds any label but 0, 1, 2 and 4.
     """
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         result = dict(data)
         for key in self.key_iterator(result):
             label = result[key]

@@ -146,6 +146,7 @@ def write_synthetic_cases(
     """
     if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
         raise ValueError(f"cases must be a whole number 1 or more, not {cases!r}")
+    _check_arguments(seed=seed, style=style, size=size)  # before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folders = []
@@ -179,6 +180,7 @@ def synthetic_case(
 
     ``scanner``, when given, images the same patient with another scanner than ``style``'s.
     """
+    _check_arguments(seed=seed, style=style, size=size)
     scanner = scanner or scanner_style(style)
     grid = grid_for_size(size)
     rng = np.random.default_rng([seed, style, index])
@@ -195,19 +197,27 @@ def synthetic_case(
     return SyntheticCase(name=name, images=images, label=label, brain=brain, grid=grid)
 
 
+def _check_arguments(*, seed: int, style: int, size: str | int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a whole number 0 or more, not {seed!r}")
+    scanner_style(style)
+    if size != "brats":
+        _cube_edge(size)
+
+
 # -- the grid and the anatomy ---------------------------------------------------------------
 
 
 def grid_for_size(size: str | int) -> Grid:
     """The voxel grid for ``size`` ("small", "brats" or N), centred on the MNI brain."""
-    _, mni_affine, brain_box = _mni_volumes()
-    low, high = brain_box
+    if size != "brats":
+        edge = _cube_edge(size)  # refuse a bad size before loading the template
+    _, _, (low, high) = _mni_volumes()
     centre = (low + high) / 2
     if size == "brats":
         shape = BRATS_SHAPE
         spacing = np.ones(3)
     else:
-        edge = _cube_edge(size)
         shape = (edge, edge, edge)
         # A cube over the brain's largest extent plus 10% margin, so the whole head fits.
         spacing = np.full(3, 1.1 * float(np.max(high - low)) / edge)

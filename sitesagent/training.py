@@ -74,7 +74,9 @@ class TrainConfig:
         if self.max_iterations is not None:
             _check_whole("max_iterations", self.max_iterations, minimum=1)
         elif self.local_epochs == 0:
-            raise TrainConfigError("set local_epochs or max_iterations: with neither, there is nothing to train")
+            raise TrainConfigError(
+                "set local_epochs or max_iterations: with neither, there is nothing to train"
+            )
         if len(roi) != 3 or not all(_is_whole(n) and n >= 1 for n in roi):
             raise TrainConfigError(
                 f"roi_size must be one or three whole numbers 1 or more, not {self.roi_size!r}"
@@ -217,8 +219,9 @@ def train(
     come from ``config.seed`` alone, and the global torch random state is restored afterwards,
     so on the CPU two calls with the same model weights, cases and config give bit-identical
     weights (on CUDA, cuDNN's algorithm choice makes results only close). Raises DataError
-    naming the file when a scan cannot be loaded, and TrainConfigError when ``roi_size`` does
-    not suit the model.
+    naming the file when a scan cannot be loaded, TrainConfigError when ``roi_size`` does not
+    suit the model, and FloatingPointError when the loss stops being finite (without AMP).
+    An exception from a hook stops training too.
     """
     if not train_cases:
         raise ValueError("no training cases: a site needs at least one case to train on")
@@ -255,6 +258,8 @@ def train(
         for iteration, batch in enumerate(_batches(loader, total), start=1):
             images, labels = _to_device(batch, device)
             loss = _step(model, images, labels, optimizer, loss_function, scaler, use_amp)
+            if not math.isfinite(loss) and not use_amp:  # under AMP the scaler skips such steps
+                raise FloatingPointError(f"training diverged: the loss was {loss} at step {iteration}")
             losses.append(loss)
             samples += images.shape[0]
             hooks.on_step(iteration, total, loss, samples / (time.perf_counter() - start))
@@ -392,6 +397,7 @@ def evaluate(
                     logits = sliding_window_inference(
                         images, window, config.sw_batch_size, model, overlap=config.sw_overlap
                     )
+                assert isinstance(logits, torch.Tensor)  # SegResNet has one output
                 metric(y_pred=torch.sigmoid(logits.float()) > 0.5, y=labels)
     finally:
         model.train(was_training)
