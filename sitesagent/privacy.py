@@ -348,8 +348,8 @@ def _laplace_from_uniform(uniform: torch.Tensor, scale: float) -> torch.Tensor:
     lands within 1 - 2^-24 of 0, so the log is finite whatever the device.
     """
     signed = uniform.mul(2).sub_(1 - _FLOAT32_UNIFORM_STEP)
-    magnitude = signed.abs().neg_().log1p_().neg_()
-    return magnitude.mul_(scale).copysign_(signed)
+    magnitude = signed.abs().neg_().log1p_().mul_(-scale)  # scale * Exp(1), never negative
+    return magnitude.copysign_(signed)
 
 
 def _laplace_survival(x: float, scale: float) -> float:
