@@ -96,12 +96,12 @@ def _bearer_token(scope) -> str | None:
 
 
 @database_sync_to_async
-def _record_metrics(site, task_id: int, points: list[dict]) -> int:
+def _owned_task(site, task_id: int) -> Task:
     task = Task.objects.select_related("round", "site").filter(pk=task_id).first()
     if task is None:
         raise ServiceError(f"there is no task {task_id}")
     services.assert_site_owns(task, site)
-    return services.metrics_record(task=task, points=points)
+    return task
 
 
 class AgentConsumer(_ForwardingConsumer):
@@ -113,13 +113,14 @@ class AgentConsumer(_ForwardingConsumer):
         if self.site is None:
             await self.close(code=4401)
             return
+        self.tasks: dict[int, Task] = {}
         await self.join([events.site_group(self.site.pk)])
         await self.accept()
         await database_sync_to_async(services.site_heartbeat)(site=self.site)
 
     async def event_forward(self, message):
         # An agent needs only to hear that work is waiting; it fetches the rest over HTTP.
-        if message["event"].get("type") in ("task.assigned", "round.state"):
+        if message["event"].get("type") == "task.assigned":
             await self.send_json(message["event"])
 
     async def receive_json(self, content, **kwargs):
@@ -127,13 +128,19 @@ class AgentConsumer(_ForwardingConsumer):
             await self.send_json({"type": "error", "error": f"unknown message type {content.get('type')!r}"})
             return
         try:
-            stored = await _record_metrics(
-                self.site, int(content.get("task", 0)), list(content.get("points", []))
-            )
+            task = await self._task(int(content.get("task", 0)))
+            points = list(content.get("points", []))
+            stored = await database_sync_to_async(services.metrics_record)(task=task, points=points)
         except (ServiceError, TypeError, ValueError) as error:
             await self.send_json({"type": "error", "error": str(error), "seq": content.get("seq")})
             return
         await self.send_json({"type": "ack", "stored": stored, "seq": content.get("seq")})
+
+    async def _task(self, task_id: int) -> Task:
+        """The task, checked to be this site's once per socket rather than once per message."""
+        if task_id not in self.tasks:
+            self.tasks[task_id] = await _owned_task(self.site, task_id)
+        return self.tasks[task_id]
 
     @classmethod
     async def decode_json(cls, text_data):

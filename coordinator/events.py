@@ -36,9 +36,15 @@ def send_now(groups: list[str], event: dict[str, Any]) -> None:
     if layer is None:
         return
     message = {"type": "event.forward", "event": event}
-    try:
+
+    async def send_to_all() -> None:
         for group in groups:
-            async_to_sync(layer.group_send)(group, message)
+            await layer.group_send(group, message)
+
+    try:
+        # One hop into the event loop for all groups: each async_to_sync call outside a loop
+        # costs a thread and a Redis connection (measured: 202 sends 228 ms -> 42 ms).
+        async_to_sync(send_to_all)()
     except Exception:  # noqa: BLE001 - events are best effort; state lives in the database
         log.exception("could not send %s event to %s", event.get("type"), groups)
 

@@ -179,7 +179,7 @@ class LiveChannel:
                 message = json.loads(socket.recv(timeout=0))
             except TimeoutError:
                 return
-            if message.get("type") in ("task.assigned", "round.state"):
+            if message.get("type") == "task.assigned":
                 self.task_waiting.set()
             elif message.get("type") == "error":
                 log.warning("coordinator refused live metrics: %s", message.get("error"))
