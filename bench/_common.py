@@ -2,8 +2,8 @@
 throwaway coordinator (its own database, Redis, daphne and Celery worker) for the benchmarks that
 need the real servers.
 
-Not a test helper: ``bench/`` never imports from ``tests/``. ``Process`` and ``free_port`` mirror
-``tests/servers.py`` line for line; see docs/performance.md for why they are copied.
+Not a test helper: ``bench/`` never imports from ``tests/``; child processes come from
+``coordinator.processes``, as for the tests and the demo.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Run as a script from anywhere: make `coordinator` and `sitesagent` importable without installing.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from coordinator.processes import ChildProcess, daphne_command, free_port, worker_command  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 
@@ -148,51 +146,6 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-# --- processes (mirrors tests/servers.py) -----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Process:
-    """A child process in its own process group, with its output in a log file."""
-
-    def __init__(self, command: list[str], log_path: Path, environment: dict[str, str]):
-        self.log_path = log_path
-        self.log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=environment,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(
-                f"{self.log_path.name}: exited with {self.process.returncode}:\n{self.output()[-3000:]}"
-            )
-
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it if it has not gone within 20 seconds."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self.log.close()
-
-
 # --- a throwaway coordinator ------------------------------------------------------------------
 
 
@@ -206,31 +159,27 @@ class Coordinator:
     def __init__(self, workdir: Path, environment: dict[str, str]):
         self.workdir = workdir
         self.environment = environment
-        self.processes: list[Process] = []
+        self.processes: list[ChildProcess] = []
         self.url = ""
 
-    def start_daphne(self) -> Process:
+    def start_daphne(self) -> ChildProcess:
         """daphne serving coordinator.asgi, as in production (README: Production)."""
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
         # One line a request would bury the errors in daphne.log.
-        command += ["--access-log", str(self.workdir / "daphne-access.log")]
-        server = self._start([*command, "coordinator.asgi:application"], "daphne.log")
-        wait_until_answers(server, f"{self.url}/healthz", timeout=90)
+        command = daphne_command(port, access_log=self.workdir / "daphne-access.log")
+        server = self._start(command, "daphne.log")
+        server.wait_until_http_ok(f"{self.url}/healthz", timeout=90)
         return server
 
-    def start_worker(self) -> Process:
+    def start_worker(self) -> ChildProcess:
         """One Celery worker on both queues with beat, one process in its pool (as the tests run it)."""
-        command = [sys.executable, "-m", "celery", "-A", "coordinator", "worker", "-B"]
-        command += ["-Q", "celery,aggregation", "-c", "1", "--without-gossip", "--without-mingle"]
-        command += ["-s", str(self.workdir / "beat-schedule"), "-l", "info"]
-        worker = self._start(command, "worker.log")
-        _wait_for_log(worker, "ready", timeout=90)
+        worker = self._start(worker_command(beat_schedule=self.workdir / "beat-schedule"), "worker.log")
+        worker.wait_for_output("ready", timeout=90)
         return worker
 
-    def _start(self, command: list[str], log_name: str) -> Process:
-        process = Process(command, self.workdir / log_name, self.environment)
+    def _start(self, command: list[str], log_name: str) -> ChildProcess:
+        process = ChildProcess(command, self.workdir / log_name, self.environment)
         self.processes.append(process)
         return process
 
@@ -336,26 +285,3 @@ def _close_django_connections() -> None:
         from django.db import connections
 
         connections.close_all()
-
-
-def wait_until_answers(process: Process, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        process.check_alive()
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{process.output()[-3000:]}")
-
-
-def _wait_for_log(process: Process, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in process.output():
-            return
-        process.check_alive()
-        time.sleep(0.1)
-    raise RuntimeError(f"{process.log_path.name} never logged {text!r}:\n{process.output()[-3000:]}")

@@ -379,10 +379,10 @@ def start_ack_server(server: _common.Coordinator) -> str:
     port = _common.free_port()
     environment = {**server.environment, "PYTHONPATH": str(server.workdir)}
     command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ack_app:application"]
-    process = _common.Process(command, server.workdir / "ack-daphne.log", environment)
+    process = _common.ChildProcess(command, server.workdir / "ack-daphne.log", environment)
     server.processes.append(process)
     url = f"http://127.0.0.1:{port}"
-    _common.wait_until_answers(process, f"{url}/healthz", timeout=60)
+    process.wait_until_http_ok(f"{url}/healthz", timeout=60)
     return url
 
 

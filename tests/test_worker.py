@@ -82,7 +82,7 @@ def test_a_sigkilled_workers_aggregation_is_redelivered_and_still_makes_one_vers
     first = start_worker(AGGREGATION_PAUSE_SECONDS="30")
     round_ = services.round_launch(federation=federation, launched_by=alice)
     _upload_all(round_)
-    first.wait_for("round_aggregate_task", timeout=30)
+    first.wait_for_output("round_aggregate_task", timeout=30)
     time.sleep(1.0)  # inside the pause: the arithmetic is done, nothing is stored yet
     first.kill()
     round_.refresh_from_db()

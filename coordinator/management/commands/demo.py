@@ -8,7 +8,6 @@ coordinator account; runs R rounds back to back and prints a line per round. Ctr
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import signal
@@ -25,6 +24,7 @@ from django.utils import timezone
 
 from coordinator import charts, embedded_redis, selectors, services
 from coordinator.models import Federation, Membership, Round, RoundState, Site
+from coordinator.processes import ChildProcess, daphne_command, worker_command
 
 DEMO_FEDERATION = "Demo federation"
 DEMO_USER = "coordinator"
@@ -176,33 +176,10 @@ class Command(BaseCommand):
     ) -> None:
         environment = {**os.environ, "REDIS_URL": settings.REDIS_URL, "DEADLINE_CHECK_SECONDS": "5"}
         python = sys.executable
+        processes.start("web", daphne_command(port), environment)
+        beat_schedule = settings.VAR_DIR / "celerybeat-schedule"
         processes.start(
-            "web",
-            [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "coordinator.asgi:application"],
-            environment,
-        )
-        processes.start(
-            "worker",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "coordinator",
-                "worker",
-                "-B",
-                "-Q",
-                "celery,aggregation",
-                "-c",
-                "1",
-                "-l",
-                "warning",
-                "--without-gossip",
-                "--without-mingle",
-                "-s",
-                str(settings.VAR_DIR / "celerybeat-schedule"),
-            ],
-            environment,
+            "worker", worker_command(beat_schedule=beat_schedule, log_level="warning"), environment
         )
         data_root = settings.VAR_DIR / "demo"
         for state_file in data_root.glob("state-*.json"):
@@ -309,50 +286,28 @@ def round_line(round_: Round, seconds: float) -> str:
 
 
 class Processes:
-    """The demo's child processes, each in its own process group so that stopping is complete."""
+    """The demo's child processes, by name; each stops with everything it started."""
 
     def __init__(self, stdout):
         self.stdout = stdout
-        self.children: dict[str, subprocess.Popen] = {}
+        self.children: dict[str, ChildProcess] = {}
         self.logs = settings.VAR_DIR / "demo-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, command: list[str], environment: dict[str, str]) -> None:
-        log = (self.logs / f"{name.replace(' ', '-')}.log").open("ab")
-        self.children[name] = subprocess.Popen(
-            command,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=settings.BASE_DIR,
-        )
-        self.stdout.write(f"started {name} (pid {self.children[name].pid}, log {log.name})")
+        log_path = self.logs / f"{name.replace(' ', '-')}.log"
+        self.children[name] = ChildProcess(command, log_path, environment)
+        self.stdout.write(f"started {name} (pid {self.children[name].pid}, log {log_path})")
 
     def all_alive(self) -> bool:
-        return all(process.poll() is None for process in self.children.values())
+        return all(child.alive() for child in self.children.values())
 
     def first_dead(self) -> str:
-        for name, process in self.children.items():
-            if process.poll() is not None:
-                return f"{name} exited with {process.returncode}; see {self.logs}"
+        for name, child in self.children.items():
+            if not child.alive():
+                return f"{name} exited with {child.process.returncode}; see {child.log_path}"
         return "none"
 
     def stop_all(self) -> None:
-        for process in self.children.values():
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for process in self.children.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait(timeout=5)
-        # Children of children (the worker's pool, beat) live in the same groups: make sure.
-        for process in self.children.values():
-            _signal_group(process, signal.SIGKILL)
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signum)
+        for child in self.children.values():
+            child.stop(timeout=15)
