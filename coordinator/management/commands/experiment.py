@@ -46,6 +46,11 @@ class Command(BaseCommand):
         parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
         parser.add_argument("--full", action="store_true", help="the BraTS SegResNet (4.7 M parameters)")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--only",
+            default="centralised,none,partial,svt",
+            help="which kinds of configuration to run (default: all four)",
+        )
 
     def handle(self, *args, **options):
         from coordinator import experiment
@@ -72,6 +77,12 @@ class Command(BaseCommand):
             svt_fraction=options["svt_fraction"],
             gamma=options["gamma"],
         )
+        kinds = set(options["only"].split(","))
+        settings = [setting for setting in settings if setting.mechanism in kinds]
+        if not settings:
+            raise CommandError(
+                f"--only {options['only']} matches no configuration (centralised, none, partial, svt)"
+            )
         self.stdout.write(f"Sites: {experiment.describe_split(study)}")
         outcomes = []
         for setting in settings:
