@@ -12,7 +12,8 @@ from django.utils import timezone
 from sitesagent import protocol
 
 # Epsilon is stored as an exact decimal so that sums over the ledger never drift.
-EPSILON_DIGITS = {"max_digits": 24, "decimal_places": 12}
+EPSILON_MAX_DIGITS = 24
+EPSILON_PLACES = 12
 EPSILON_QUANTUM = Decimal("0.000000000001")
 
 
@@ -126,7 +127,7 @@ class Membership(models.Model):
 
     federation = models.ForeignKey(Federation, on_delete=models.PROTECT, related_name="memberships")
     site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="memberships")
-    budget_epsilon = models.DecimalField(**EPSILON_DIGITS)
+    budget_epsilon = models.DecimalField(max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES)
     allows_unprotected_sharing = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -180,7 +181,7 @@ class Round(models.Model):
     mechanism = models.CharField(max_length=16, choices=Mechanism.choices)
     mechanism_params = models.JSONField(default=dict)
     # Null means "no formal guarantee" (none, partial sharing); never a made-up number.
-    epsilon_per_site = models.DecimalField(**EPSILON_DIGITS, null=True, blank=True)
+    epsilon_per_site = models.DecimalField(max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES, null=True, blank=True)
     training_params = models.JSONField(default=dict)
     min_sites = models.PositiveIntegerField()
     deadline = models.DateTimeField()
@@ -268,7 +269,7 @@ class LedgerEntry(AppendOnlyModel):
     round = models.ForeignKey(Round, on_delete=models.PROTECT, related_name="ledger")
     kind = models.CharField(max_length=8, choices=LedgerKind.choices)
     # Null means "no formal guarantee": the round's mechanism adds no noise.
-    epsilon = models.DecimalField(**EPSILON_DIGITS, null=True, blank=True)
+    epsilon = models.DecimalField(max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES, null=True, blank=True)
     mechanism = models.CharField(max_length=16, choices=Mechanism.choices)
     mechanism_params = models.JSONField(default=dict)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, related_name="+")
