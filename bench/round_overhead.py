@@ -365,7 +365,7 @@ async def notify_floor(agents: list[SimulatedAgent]) -> float:
     from coordinator import events
 
     layer = get_channel_layer()
-    probe = {"type": "round.state", "round": -1, "state": "probe"}
+    probe = {"type": "task.assigned", "round": -1, "state": "probe"}
 
     async def answer(agent: SimulatedAgent) -> float:
         await agent.next_message(lambda message: message.get("state") == "probe")
