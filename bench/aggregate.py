@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import _common  # noqa: E402  (puts the repository on sys.path)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator.aggregation import aggregate  # noqa: E402
 from sitesagent import protocol  # noqa: E402
@@ -77,14 +75,7 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def machine(device: torch.device) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "nproc": len(__import__("os").sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
+    info = {**_common.machine(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -92,16 +83,6 @@ def machine(device: torch.device) -> dict:
 
 def machine_line(device: torch.device) -> str:
     return ", ".join(f"{key} {value}" for key, value in machine(device).items())
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --- data -----------------------------------------------------------------------------------

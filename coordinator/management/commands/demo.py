@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from django.utils import timezone
 from coordinator import charts, embedded_redis, selectors, services
 from coordinator.models import Federation, Membership, Round, RoundState, Site
 from coordinator.processes import ChildProcess, daphne_command, worker_command
+from sitesagent.synth import write_synthetic_cases
 
 DEMO_FEDERATION = "Demo federation"
 DEMO_USER = "coordinator"
@@ -225,25 +225,7 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Writing {setup['cases']} synthetic cases for site {style + 1} (scanner style {style})..."
         )
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sitesagent",
-                "synth",
-                "--out",
-                str(folder),
-                "--cases",
-                str(setup["cases"]),
-                "--seed",
-                str(100 + style),
-                "--style",
-                str(style),
-                "--size",
-                setup["size"],
-            ],
-            check=True,
-        )
+        write_synthetic_cases(folder, setup["cases"], seed=100 + style, style=style, size=setup["size"])
 
     # --- following the rounds ---------------------------------------------------------------
 

@@ -7,7 +7,6 @@ CPU defaults (synthetic sites, a small SegResNet) finish in about half an hour o
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -93,6 +92,7 @@ class Command(BaseCommand):
 
     def _sites(self, options, out: Path):
         from coordinator import experiment
+        from sitesagent.synth import write_synthetic_cases
 
         if options["data"] is not None:
             if not options["data"].is_dir():
@@ -102,24 +102,8 @@ class Command(BaseCommand):
         for index in range(options["sites"]):
             folder = out / "data" / f"site-{index + 1}"
             if not folder.exists():
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "sitesagent",
-                        "synth",
-                        "--out",
-                        str(folder),
-                        "--cases",
-                        str(options["cases"]),
-                        "--seed",
-                        str(1000 + index),
-                        "--style",
-                        str(index),
-                        "--size",
-                        options["size"],
-                    ],
-                    check=True,
+                write_synthetic_cases(
+                    folder, options["cases"], seed=1000 + index, style=index, size=_size(options["size"])
                 )
             folders.append(folder)
         return experiment.sites_from_folders(folders, options["seed"])
@@ -135,6 +119,10 @@ class Command(BaseCommand):
         )
         (out / "report.html").write_text(experiment.html_report(outcomes, study, command))
         (out / "outcomes.json").write_text(experiment.outcomes_json(outcomes))
+
+
+def _size(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
 
 
 def _floats(text: str) -> list[float]:
