@@ -178,11 +178,13 @@ class Agent:
         model.load_state_dict(base_state)
         config = self._train_config(task)
 
-        self.client.report(task_id, protocol.TASK_EVALUATING, progress=0.0)
-        scores = evaluate(model, self._dataset["val"], config)
-        for name in protocol.METRIC_DICE:
-            if name in scores:
-                self.channel.send(task_id, name, task["round_number"], float(scores[name]))
+        # A task resumed after a restart may be past evaluation already; states only move forward.
+        if task["state"] in (protocol.TASK_ASSIGNED, protocol.TASK_EVALUATING):
+            self.client.report(task_id, protocol.TASK_EVALUATING, progress=0.0)
+            scores = evaluate(model, self._dataset["val"], config)
+            for name in protocol.METRIC_DICE:
+                if name in scores:
+                    self.channel.send(task_id, name, task["round_number"], float(scores[name]))
 
         self.client.report(task_id, protocol.TASK_TRAINING, progress=0.0)
         hooks = _StreamingHooks(self, task_id)

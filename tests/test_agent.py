@@ -72,6 +72,23 @@ def test_agent_trains_uploads_a_sparse_update_and_streams_metrics(
     assert AgentState.load(tmp_path / "agent-state.json").spent_epsilon == pytest.approx(1.0)
 
 
+def test_an_agent_restarted_mid_training_resumes_its_task(
+    server, site_data, tmp_path, alice, federation, sites
+):
+    site, token = sites["A"]
+    round_ = services.round_launch(
+        federation=federation, launched_by=alice, site_ids=[site.pk], training_params=TRAINING
+    )
+    task = Task.objects.get(round=round_, site=site)
+    # The agent got this far, then its machine rebooted.
+    services.task_report(task=task, state="evaluating")
+    services.task_report(task=task, state="training", progress=0.5)
+    assert _agent(server, token, site_data, tmp_path).run(once=True) == 0
+    task.refresh_from_db()
+    assert task.state == "uploaded"
+    assert LedgerEntry.objects.filter(round=round_, kind="commit").count() == 1
+
+
 def test_agent_refuses_a_task_past_its_local_cap_and_says_why(
     server, site_data, tmp_path, alice, federation, sites
 ):
