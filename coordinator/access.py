@@ -155,7 +155,7 @@ def site_ids_visible_in(user: Any, federation: Federation) -> set[int] | None:
 
 def navigation(request: Any) -> dict[str, Any]:
     """Template context: which parts of the dashboard the signed-in user may use."""
-    user = getattr(request, "user", None)
+    user: Any = getattr(request, "user", None)
     if not _is_user(user):
         return {"nav": {}}
     coordinates = _is_superuser(user) or user.coordinated_federations.exists()

@@ -131,7 +131,7 @@ def _train_config(study: Study, seed: int, iterations: int) -> TrainConfig:
     return TrainConfig(
         local_epochs=1,
         max_iterations=iterations,
-        roi_size=study.roi_size,
+        roi_size=(study.roi_size,) * 3,
         lr=study.lr,
         device=study.device,
         seed=seed,

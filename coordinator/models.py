@@ -181,7 +181,9 @@ class Round(models.Model):
     mechanism = models.CharField(max_length=16, choices=Mechanism.choices)
     mechanism_params = models.JSONField(default=dict)
     # Null means "no formal guarantee" (none, partial sharing); never a made-up number.
-    epsilon_per_site = models.DecimalField(max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES, null=True, blank=True)
+    epsilon_per_site = models.DecimalField(
+        max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES, null=True, blank=True
+    )
     training_params = models.JSONField(default=dict)
     min_sites = models.PositiveIntegerField()
     deadline = models.DateTimeField()
@@ -269,7 +271,9 @@ class LedgerEntry(AppendOnlyModel):
     round = models.ForeignKey(Round, on_delete=models.PROTECT, related_name="ledger")
     kind = models.CharField(max_length=8, choices=LedgerKind.choices)
     # Null means "no formal guarantee": the round's mechanism adds no noise.
-    epsilon = models.DecimalField(max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES, null=True, blank=True)
+    epsilon = models.DecimalField(
+        max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES, null=True, blank=True
+    )
     mechanism = models.CharField(max_length=16, choices=Mechanism.choices)
     mechanism_params = models.JSONField(default=dict)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, related_name="+")

@@ -137,19 +137,23 @@ def dice_points(
             task__round__federation=federation
         ).values_list("task__round_id", "task__site_id", "n_cases")
     }
-    latest: dict[tuple[int, int, str], MetricPoint] = {}
+    latest: dict[tuple[Any, Any, str], MetricPoint] = {}
     for point in metrics.order_by("id"):
         latest[(point.round_id, point.site_id, point.name)] = point
-    return [
-        {
-            "round": point.round.number,
-            "site": point.site.name,
-            "name": point.name,
-            "value": point.value,
-            "cases": update_cases.get((point.round_id, point.site_id)) or case_count(point.site.agent_info),
-        }
-        for point in latest.values()
-    ]
+    rows = []
+    for point in latest.values():
+        round_, site = point.round, point.site
+        assert round_ is not None and site is not None  # the query excludes the others
+        rows.append(
+            {
+                "round": round_.number,
+                "site": site.name,
+                "name": point.name,
+                "value": point.value,
+                "cases": update_cases.get((round_.pk, site.pk)) or case_count(site.agent_info),
+            }
+        )
+    return rows
 
 
 def case_count(info: dict[str, Any] | None) -> int | None:

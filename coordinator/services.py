@@ -408,7 +408,8 @@ def round_launch(
         if not asked:
             raise LaunchRefused(f"{federation} has no sites to ask")
         balances = balances_for(memberships.values())
-        included, excluded = [], []
+        included: list[Membership] = []
+        excluded: list[dict[str, Any]] = []
         for site_id in asked:
             membership = memberships.get(site_id)
             site = membership.site if membership else Site.objects.filter(pk=site_id).first()
@@ -426,6 +427,7 @@ def round_launch(
                     }
                 )
             else:
+                assert membership is not None  # no reason means a member
                 included.append(membership)
         if len(included) < min_sites:
             lines = "; ".join(e["reason"] for e in excluded)
@@ -434,6 +436,8 @@ def round_launch(
                 details={"excluded": excluded},
             )
         base = federation.latest_version()
+        if base is None:
+            raise Conflict(f"{federation} has no model version to start from")
         number = (federation.rounds.aggregate(n=Max("number"))["n"] or 0) + 1
         round_ = Round.objects.create(
             federation=federation,
@@ -656,7 +660,7 @@ def task_report(*, task: Task, state: str, progress: float | None = None, reason
                 reason=task.reason,
             )
         else:
-            if _TASK_ORDER.index(state) < _TASK_ORDER.index(task.state):
+            if _TASK_ORDER.index(TaskState(state)) < _TASK_ORDER.index(TaskState(task.state)):
                 raise Conflict(f"this task is already {task.state}; it cannot go back to {state}")
             task.state = state
             if progress is not None:

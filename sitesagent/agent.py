@@ -233,7 +233,7 @@ class Agent:
             max_iterations=max_iterations or None,
             batch_size=int(params.get("batch_size", 1)),
             lr=float(params.get("lr", 1e-4)),
-            roi_size=int(params.get("roi_size", 64)),
+            roi_size=(int(params.get("roi_size", 64)),) * 3,
             seed=self.config.seed + int(task["round_number"]),
             device=self.config.device,
         )
@@ -247,7 +247,7 @@ class _StreamingHooks:
         self.task_id = task_id
         self.report_every = report_every
         self._last_report = 0.0
-        self._bar = None
+        self._bar: Any = None
 
     def on_phase(self, name: str) -> None:
         log.info("task %s: %s", self.task_id, name)

@@ -12,7 +12,14 @@ from rest_framework.test import APIClient
 
 # A SegResNet small enough to build in milliseconds; the shape of the real one.
 TINY_MODEL = {"init_filters": 4, "blocks_down": [1, 1, 1], "blocks_up": [1, 1], "norm_groups": 4}
-SVT_PARAMS = {"fraction": 0.1, "gamma": 0.01, "tau": 0.001, "eps_threshold": 0.1, "eps_query": 0.4, "eps_release": 0.5}
+SVT_PARAMS = {
+    "fraction": 0.1,
+    "gamma": 0.01,
+    "tau": 0.001,
+    "eps_threshold": 0.1,
+    "eps_query": 0.4,
+    "eps_release": 0.5,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +30,9 @@ def _fast_and_isolated(settings, tmp_path):
 
 
 def make_user(username: str, **extra):
-    return get_user_model().objects.create_user(username=username, password=f"{username}-password-123", **extra)
+    return get_user_model().objects.create_user(
+        username=username, password=f"{username}-password-123", **extra
+    )
 
 
 @pytest.fixture
@@ -56,8 +65,12 @@ def federation(alice, charlie):
     from coordinator import services
 
     federation = services.federation_create(
-        name="BraTS study", created_by=alice, model_config=TINY_MODEL, default_mechanism_params=SVT_PARAMS,
-        min_sites=1, training_defaults={"local_epochs": 0, "max_iterations": 2, "roi_size": 16},
+        name="BraTS study",
+        created_by=alice,
+        model_config=TINY_MODEL,
+        default_mechanism_params=SVT_PARAMS,
+        min_sites=1,
+        training_defaults={"local_epochs": 0, "max_iterations": 2, "roi_size": 16},
     )
     federation.auditors.add(charlie)
     return federation
@@ -72,7 +85,9 @@ def sites(federation, alice, bob, dave):
     for label, admin in (("A", bob), ("B", dave)):
         site, token = services.site_register(name=f"Hospital {label}", registered_by=alice)
         services.site_admin_add(site=site, user=admin, added_by=alice)
-        services.membership_add(federation=federation, site=site, budget=2, added_by=alice, reason="joined the study")
+        services.membership_add(
+            federation=federation, site=site, budget=2, added_by=alice, reason="joined the study"
+        )
         registered[label] = (site, token)
     return registered
 

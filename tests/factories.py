@@ -6,21 +6,35 @@ from sitesagent.privacy import partial_share, svt
 from sitesagent.updates import encode_update
 
 
-def svt_update(n_parameters: int, params: dict, *, n_iterations: int = 2, n_cases: int = 3, seed: int = 0) -> bytes:
+def svt_update(
+    n_parameters: int, params: dict, *, n_iterations: int = 2, n_cases: int = 3, seed: int = 0
+) -> bytes:
     generator = torch.Generator().manual_seed(seed)
     per_step = torch.randn(n_parameters, generator=generator) * float(params["gamma"])
     indices, values = svt(per_step, **params, generator=generator)
     return encode_update(
-        indices=indices, values=values * n_iterations, n_parameters=n_parameters,
-        n_iterations=n_iterations, n_cases=n_cases, mechanism="svt", params=params,
+        indices=indices,
+        values=values * n_iterations,
+        n_parameters=n_parameters,
+        n_iterations=n_iterations,
+        n_cases=n_cases,
+        mechanism="svt",
+        params=params,
     )
 
 
-def partial_update(n_parameters: int, params: dict, *, n_iterations: int = 2, n_cases: int = 3, seed: int = 0) -> bytes:
+def partial_update(
+    n_parameters: int, params: dict, *, n_iterations: int = 2, n_cases: int = 3, seed: int = 0
+) -> bytes:
     generator = torch.Generator().manual_seed(seed)
     per_step = torch.randn(n_parameters, generator=generator) * float(params["gamma"])
     indices, values = partial_share(per_step, **params)
     return encode_update(
-        indices=indices, values=values * n_iterations, n_parameters=n_parameters,
-        n_iterations=n_iterations, n_cases=n_cases, mechanism="partial", params=params,
+        indices=indices,
+        values=values * n_iterations,
+        n_parameters=n_parameters,
+        n_iterations=n_iterations,
+        n_cases=n_cases,
+        mechanism="partial",
+        params=params,
     )

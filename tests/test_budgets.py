@@ -27,7 +27,9 @@ def _membership(federation, site):
         ("null", "may not be null"),
     ],
 )
-def test_bad_budgets_are_refused_and_nothing_changes(client_for, alice, federation, sites, budget_json, words):
+def test_bad_budgets_are_refused_and_nothing_changes(
+    client_for, alice, federation, sites, budget_json, words
+):
     membership = _membership(federation, sites["A"][0])
     body = f'{{"budget": {budget_json}, "reason": "typo"}}'
     response = client_for(alice).generic(

@@ -20,8 +20,23 @@ def test_demo_runs_two_rounds_and_leaves_no_process(tmp_path):
     environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     environment["VAR_DIR"] = str(tmp_path / "var")
     result = subprocess.run(
-        [sys.executable, "manage.py", "demo", "--sites", "2", "--rounds", "2", "--port", "8791", "--exit-when-done"],
-        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "manage.py",
+            "demo",
+            "--sites",
+            "2",
+            "--rounds",
+            "2",
+            "--port",
+            "8791",
+            "--exit-when-done",
+        ],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     round_lines = [line for line in result.stdout.splitlines() if line.startswith("round ")]

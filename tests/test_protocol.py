@@ -99,5 +99,12 @@ def test_flat_layout_is_sorted_by_name_whatever_the_order_given():
 def test_svt_cost_is_exact_in_decimal():
     from decimal import Decimal
 
-    params = {"fraction": 0.1, "gamma": 0.01, "tau": 0.0, "eps_threshold": 0.05, "eps_query": 0.15, "eps_release": 0.1}
+    params = {
+        "fraction": 0.1,
+        "gamma": 0.01,
+        "tau": 0.0,
+        "eps_threshold": 0.05,
+        "eps_query": 0.15,
+        "eps_release": 0.1,
+    }
     assert protocol.round_epsilon_exact("svt", params) == Decimal("0.3")

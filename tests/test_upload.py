@@ -56,10 +56,15 @@ def test_garbage_is_refused_with_nothing_stored_so_the_agent_can_retry(client_fo
     assert response.status_code == 400 and "not a valid update" in response.json()["error"]
     assert not Update.objects.exists()
     assert not LedgerEntry.objects.filter(kind=LedgerKind.COMMIT).exists()
-    assert _upload(client_for, token, task, svt_update(round_.base_version.n_parameters, SVT_PARAMS)).status_code == 200
+    assert (
+        _upload(client_for, token, task, svt_update(round_.base_version.n_parameters, SVT_PARAMS)).status_code
+        == 200
+    )
 
 
-def test_an_update_breaking_the_rounds_rules_is_recorded_rejected_and_still_spends(client_for, alice, federation, sites):
+def test_an_update_breaking_the_rounds_rules_is_recorded_rejected_and_still_spends(
+    client_for, alice, federation, sites
+):
     site, token = sites["A"]
     round_ = services.round_launch(federation=federation, launched_by=alice)
     task = _task(round_, site)
@@ -72,13 +77,17 @@ def test_an_update_breaking_the_rounds_rules_is_recorded_rejected_and_still_spen
     task.refresh_from_db()
     assert task.state == "dropped" and "rejected" in task.reason
     # Its values left the site: the reservation is committed, not released.
-    assert LedgerEntry.objects.filter(round=round_, membership__site=site, kind=LedgerKind.COMMIT).count() == 1
+    assert (
+        LedgerEntry.objects.filter(round=round_, membership__site=site, kind=LedgerKind.COMMIT).count() == 1
+    )
 
 
 def test_upload_after_the_round_closed_is_refused(client_for, alice, federation, sites):
     site, token = sites["A"]
     round_ = services.round_launch(federation=federation, launched_by=alice)
     services.round_abort(round_=round_, aborted_by=alice, reason="stop")
-    response = _upload(client_for, token, _task(round_, site), svt_update(round_.base_version.n_parameters, SVT_PARAMS))
+    response = _upload(
+        client_for, token, _task(round_, site), svt_update(round_.base_version.n_parameters, SVT_PARAMS)
+    )
     assert response.status_code == 409
     assert not LedgerEntry.objects.filter(kind=LedgerKind.COMMIT).exists()

@@ -43,7 +43,7 @@ def _visible(queryset: QuerySet, site_ids: set[int] | None, field: str = "site_i
 # --- Federation overview ----------------------------------------------------------------------
 
 
-def rounds_of(federation: Federation) -> list[Round]:
+def rounds_of(federation: Federation) -> list[Any]:
     """Newest first, each with ``n_tasks`` and ``result`` (the model version it produced, or None)."""
     rounds = list(
         federation.rounds.select_related("launched_by", "base_version")
@@ -52,7 +52,7 @@ def rounds_of(federation: Federation) -> list[Round]:
     )
     results = result_versions(federation)
     for round_ in rounds:
-        round_.result = results.get(round_.pk)
+        round_.result = results.get(round_.pk)  # type: ignore[attr-defined]  # a template-only attribute
     return rounds
 
 
