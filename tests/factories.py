@@ -2,7 +2,7 @@
 
 import torch
 
-from sitesagent.privacy import partial_share, svt
+from sitesagent.privacy import svt
 from sitesagent.updates import encode_update
 
 
@@ -19,22 +19,5 @@ def svt_update(
         n_iterations=n_iterations,
         n_cases=n_cases,
         mechanism="svt",
-        params=params,
-    )
-
-
-def partial_update(
-    n_parameters: int, params: dict, *, n_iterations: int = 2, n_cases: int = 3, seed: int = 0
-) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    per_step = torch.randn(n_parameters, generator=generator) * float(params["gamma"])
-    indices, values = partial_share(per_step, **params)
-    return encode_update(
-        indices=indices,
-        values=values * n_iterations,
-        n_parameters=n_parameters,
-        n_iterations=n_iterations,
-        n_cases=n_cases,
-        mechanism="partial",
         params=params,
     )
