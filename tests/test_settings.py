@@ -42,3 +42,24 @@ def test_check_deploy_is_clean_with_production_settings():
         ALLOWED_HOSTS="fl.example.org",
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_processes_starting_at_once_share_one_embedded_redis(tmp_path):
+    environment = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    environment["VAR_DIR"] = str(tmp_path)
+    starters = [
+        subprocess.Popen(
+            [sys.executable, "manage.py", "embedded_redis", "status"],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(4)
+    ]
+    try:
+        assert [starter.wait(timeout=60) for starter in starters] == [0, 0, 0, 0]
+        servers = subprocess.run(["pgrep", "-f", f"unixsocket:{tmp_path}"], capture_output=True, text=True)
+        assert len(servers.stdout.split()) == 1, servers.stdout
+    finally:
+        _manage("embedded_redis", "stop", VAR_DIR=str(tmp_path))
