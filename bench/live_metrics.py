@@ -43,7 +43,9 @@ from typing import Any
 import _common  # puts the repository on sys.path, so it comes before coordinator and sitesagent
 from websockets.asyncio.client import ClientConnection, connect
 
-TINY_MODEL = {"init_filters": 4, "blocks_down": [1, 1, 1], "blocks_up": [1, 1], "norm_groups": 4}
+from sitesagent.model import preset
+
+TINY_MODEL = preset("tiny").to_dict()
 LIVE_CHANNEL_POINTS = 5_000
 WAIT_SECONDS = 60.0
 

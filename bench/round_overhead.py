@@ -52,12 +52,13 @@ import torch
 from websockets.asyncio.client import ClientConnection, connect
 
 from sitesagent import protocol
+from sitesagent.model import preset
 
+# sitesagent.model's presets: "tiny" is what the tests use (27,559 parameters).
 MODELS = {
-    # What the tests use: 27,559 parameters, the SegResNet shape in miniature.
-    "tiny": {"init_filters": 4, "blocks_down": [1, 1, 1], "blocks_up": [1, 1], "norm_groups": 4},
-    "small": {"init_filters": 8, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]},
-    "brats": {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]},
+    "tiny": preset("tiny").to_dict(),
+    "small": preset("cpu").to_dict(),
+    "brats": preset("brats").to_dict(),
 }
 SVT_PARAMS = {
     "fraction": 0.1,

@@ -28,8 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-# Run as a script from the repository root: make `sitesagent` importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Imported as `bench.svt` by the tests, or run as a script: either way `_common` (which puts the
+# repository on sys.path) sits beside this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 from sitesagent import privacy  # noqa: E402
 from sitesagent.protocol import selection_count, svt_noise_scales, svt_split  # noqa: E402
@@ -184,17 +186,9 @@ def measure(repeats: int, device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": cpu_model(),
+        "cpu": _common.cpu_model(),
         "cpus": os.cpu_count(),
     }
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def report(figures: dict) -> str:

@@ -37,15 +37,7 @@ from sitesagent.privacy import svt
 from sitesagent.updates import decode_update, encode_update, encoded_sizes
 
 SEGRESNET_BRATS_PARAMETERS = 4_702_227  # MONAI 1.6.1's state dict, BraTS configuration
-# The coordinator's default SVT parameters (coordinator/services.py DEFAULT_SVT): a round costs 1.0.
-DEFAULT_SVT = {
-    "fraction": 0.1,
-    "gamma": 1e-3,
-    "tau": 1e-4,
-    "eps_threshold": 0.01,
-    "eps_query": 0.49,
-    "eps_release": 0.5,
-}
+DEFAULT_SVT = protocol.DEFAULT_SVT_PARAMS  # what a federation uses when it sets none
 EPS_RELEASE_SWEEP = (0.5, 5.0, 50.0, 500.0, 50_000.0)
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 

@@ -13,6 +13,7 @@ from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
@@ -40,17 +41,9 @@ from coordinator.models import (
 )
 from coordinator.selectors import balances_for, open_reservations
 from sitesagent import protocol
+from sitesagent.model import preset
 
 DEFAULT_TRAINING = {"local_epochs": 1, "max_iterations": 0, "batch_size": 1, "lr": 1e-4, "roi_size": 64}
-DEFAULT_MODEL = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
-DEFAULT_SVT = {
-    "fraction": 0.1,
-    "gamma": 1e-3,
-    "tau": 1e-4,
-    "eps_threshold": 0.01,
-    "eps_query": 0.49,
-    "eps_release": 0.5,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +125,13 @@ def federation_create(
         raise InvalidInput(f"min_sites must be at least 1, not {min_sites}")
     if round_deadline_seconds < 1:
         raise InvalidInput(f"round_deadline_seconds must be at least 1, not {round_deadline_seconds}")
-    mechanism_params = default_mechanism_params if default_mechanism_params is not None else dict(DEFAULT_SVT)
+    mechanism_params = (
+        default_mechanism_params
+        if default_mechanism_params is not None
+        else dict(protocol.DEFAULT_SVT_PARAMS)
+    )
     round_cost(default_mechanism, mechanism_params)  # validates them
-    model_config = dict(model_config if model_config is not None else DEFAULT_MODEL)
+    model_config = dict(model_config if model_config is not None else preset("brats").to_dict())
     try:
         initial = weights.initial_weights(model_config, model_seed)
     except (TypeError, ValueError) as error:
@@ -227,8 +224,7 @@ def site_admin_add(*, site: Site, user, added_by) -> None:
 
 def site_authenticate(token: str) -> Site | None:
     """The site a bearer token belongs to, or None when it is unknown or revoked."""
-    site = Site.objects.filter(token_hash=token_hash(token), revoked_at__isnull=True).first()
-    return site
+    return Site.objects.filter(token_hash=token_hash(token), revoked_at__isnull=True).first()
 
 
 def site_heartbeat(*, site: Site, info: dict | None = None) -> None:
@@ -694,7 +690,7 @@ def update_accept(*, task: Task, data: bytes) -> Update:
     if existing is not None:
         return _retried_upload(existing, digest)
     try:
-        decoded = decode_update(data, max_bytes=_max_update_bytes())
+        decoded = decode_update(data, max_bytes=settings.MAX_UPDATE_BYTES)
     except UpdateError as error:
         raise InvalidInput(f"the upload is not a valid update: {error}") from None
 
@@ -730,7 +726,7 @@ def update_accept(*, task: Task, data: bytes) -> Update:
             sha256=digest,
             size_bytes=len(data),
             encoding=decoded.encoding,
-            n_values=int(decoded.values.numel()) if hasattr(decoded.values, "numel") else len(decoded.values),
+            n_values=decoded.n_values,
             n_iterations=decoded.n_iterations,
             n_cases=decoded.n_cases,
             mechanism=decoded.mechanism,
@@ -768,12 +764,6 @@ def _retried_upload(existing: Update, digest: str) -> Update:
             f"the update was rejected: {existing.rejection_reason}", details={"update": existing.pk}
         )
     return existing
-
-
-def _max_update_bytes() -> int:
-    from django.conf import settings
-
-    return settings.MAX_UPDATE_BYTES
 
 
 def _commit_reservation(task: Task, *, reason: str) -> None:
@@ -889,8 +879,6 @@ def round_aggregate(*, round_id: int) -> str:
     lock, and only the run that finds the round still aggregating (under its row lock) stores
     the version; the version's one-to-one link to the round makes a second one impossible.
     """
-    from django.conf import settings
-
     from coordinator.aggregation import UpdateRejected, aggregate, validate_update
 
     round_ = Round.objects.select_related("federation", "base_version").filter(pk=round_id).first()

@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         max_epsilon=args.max_epsilon,
         allow_unprotected=args.allow_unprotected,
-        state_file=args.state_file or args.data / ".sitesagent-state.json",
+        state_file=args.state_file,
         poll_seconds=args.poll_seconds,
         progress_bar=not args.no_progress,
     )

@@ -27,6 +27,16 @@ MECHANISM_PARAMS: dict[str, tuple[str, ...]] = {
 SVT_EPSILON_PARTS = ("eps_threshold", "eps_query", "eps_release")
 _POSITIVE = {"fraction", "gamma", *SVT_EPSILON_PARTS}
 
+# The coordinator's default SVT parameters when a federation sets none: a round costs epsilon 1.
+DEFAULT_SVT_PARAMS: dict[str, float] = {
+    "fraction": 0.1,
+    "gamma": 1e-3,
+    "tau": 1e-4,
+    "eps_threshold": 0.01,
+    "eps_query": 0.49,
+    "eps_release": 0.5,
+}
+
 # Task states, in the order an agent moves through them (DESIGN section 5).
 TASK_ASSIGNED = "assigned"
 TASK_EVALUATING = "evaluating"

@@ -10,8 +10,10 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from sitesagent.model import preset
+
 # A SegResNet small enough to build in milliseconds; the shape of the real one.
-TINY_MODEL = {"init_filters": 4, "blocks_down": [1, 1, 1], "blocks_up": [1, 1], "norm_groups": 4}
+TINY_MODEL = preset("tiny").to_dict()
 SVT_PARAMS = {
     "fraction": 0.1,
     "gamma": 0.01,

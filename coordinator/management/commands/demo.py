@@ -24,19 +24,20 @@ from django.utils import timezone
 from coordinator import charts, embedded_redis, selectors, services
 from coordinator.models import Federation, Membership, Round, RoundState, Site
 from coordinator.processes import ChildProcess, daphne_command, worker_command
+from sitesagent.model import preset
 from sitesagent.synth import write_synthetic_cases
 
 DEMO_FEDERATION = "Demo federation"
 DEMO_USER = "coordinator"
 # Small enough for about a minute a round on two CPU cores; the BraTS setting on a GPU.
 CPU_SETUP = {
-    "model": {"init_filters": 8, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]},
+    "model": preset("cpu").to_dict(),
     "training": {"local_epochs": 1, "max_iterations": 8, "batch_size": 1, "roi_size": 48, "lr": 1e-3},
     "size": "small",
     "cases": 8,
 }
 GPU_SETUP = {
-    "model": {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]},
+    "model": preset("brats").to_dict(),
     "training": {"local_epochs": 1, "max_iterations": 0, "batch_size": 1, "roi_size": 128, "lr": 1e-4},
     "size": "brats",
     "cases": 16,

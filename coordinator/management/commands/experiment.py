@@ -12,9 +12,6 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-CPU_MODEL = {"init_filters": 8, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
-FULL_MODEL = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
-
 
 class Command(BaseCommand):
     help = "Centralised vs FedAvg vs partial sharing vs SVT on the same split; writes a report."
@@ -53,12 +50,12 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         from coordinator import experiment
-        from sitesagent.model import ModelConfig, count_parameters
+        from sitesagent.model import count_parameters, preset
 
         out: Path = options["out"]
         out.mkdir(parents=True, exist_ok=True)
         sites = self._sites(options, out)
-        model = ModelConfig.from_dict(FULL_MODEL if options["full"] else CPU_MODEL)
+        model = preset("brats" if options["full"] else "cpu")
         study = experiment.Study(
             sites=sites,
             model=model,
