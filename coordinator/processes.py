@@ -103,6 +103,18 @@ def worker_command(*, beat_schedule: Path, log_level: str = "info") -> list[str]
     ]  # fmt: skip
 
 
+def agent_command(
+    server: str, data: Path, *, state_file: Path, device: str = "cpu", max_epsilon: float, once: bool = False
+) -> list[str]:
+    """A site agent (``python -m sitesagent run``); its token comes from ``SITE_TOKEN``."""
+    command = [
+        sys.executable, "-m", "sitesagent", "run", "--server", server, "--data", str(data),
+        "--device", device, "--max-epsilon", str(max_epsilon), "--state-file", str(state_file),
+        "--no-progress", "--poll-seconds", "1" if once else "2",
+    ]  # fmt: skip
+    return [*command, "--once"] if once else command
+
+
 def daphne_command(port: int, *, access_log: Path | None = None) -> list[str]:
     """daphne serving the ASGI application on 127.0.0.1, as in production."""
     command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]

@@ -61,6 +61,8 @@ class Agent:
         self.channel.start()
         try:
             self.client.heartbeat(self._describe())
+            if self._resend_pending_uploads() and once:
+                return 0
             while True:
                 task = self.client.next_task()
                 if task is None:
@@ -76,6 +78,15 @@ class Agent:
         finally:
             self.channel.stop()
             self.client.close()
+
+    def _resend_pending_uploads(self) -> int:
+        """Send again what a crash interrupted. The coordinator may already hold it (only the
+        answer was lost): it recognises the same bytes and commits nothing twice."""
+        pending = self.state.pending_uploads()
+        for task_id, update_file in pending:
+            log.info("task %s: re-sending the update an earlier run did not see acknowledged", task_id)
+            self._upload(task_id, update_file)
+        return len(pending)
 
     def run_task(self, task: dict[str, Any]) -> str:
         task_id = task["task"]

@@ -52,6 +52,14 @@ class AgentState:
     def task(self, task_id: int) -> dict[str, Any]:
         return self.tasks.get(str(task_id), {})
 
+    def pending_uploads(self) -> list[tuple[int, Path]]:
+        """Updates whose spend is counted but whose upload was never acknowledged."""
+        return [
+            (int(task_id), Path(entry["update_file"]))
+            for task_id, entry in self.tasks.items()
+            if entry.get("status") == "pending_upload" and Path(entry.get("update_file", "")).is_file()
+        ]
+
     def check_cap(self, epsilon: float | None, max_epsilon: float | None) -> None:
         if epsilon is None or max_epsilon is None:
             return

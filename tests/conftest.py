@@ -79,6 +79,19 @@ def federation(alice, charlie):
 
 
 @pytest.fixture
+def three_sites(federation, alice):
+    """Three member sites with a budget of 5 epsilon each, no admins: {site id: token}."""
+    from coordinator import services
+
+    tokens = {}
+    for label in "ABC":
+        site, token = services.site_register(name=f"Hospital {label}", registered_by=alice)
+        services.membership_add(federation=federation, site=site, budget=5, added_by=alice, reason="study")
+        tokens[site.pk] = token
+    return tokens
+
+
+@pytest.fixture
 def sites(federation, alice, bob, dave):
     """Two member sites with a budget of 2 epsilon each: {"A": (site, token), "B": (site, token)}."""
     from coordinator import services

@@ -33,16 +33,6 @@ def start_worker(tmp_path):
         worker.stop()
 
 
-@pytest.fixture
-def three_sites(federation, alice):
-    tokens = {}
-    for label in "ABC":
-        site, token = services.site_register(name=f"Hospital {label}", registered_by=alice)
-        services.membership_add(federation=federation, site=site, budget=5, added_by=alice, reason="study")
-        tokens[site.pk] = token
-    return tokens
-
-
 def _upload_all(round_: Round) -> None:
     n = round_.base_version.n_parameters
     for seed, task in enumerate(Task.objects.filter(round=round_).select_related("round__base_version")):

