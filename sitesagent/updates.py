@@ -187,7 +187,8 @@ def _read_header(data: bytes) -> dict[str, Any]:
     raw = data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + header_length]
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
+        # ValueError also covers a number too long to convert; RecursionError, nesting too deep.
         raise _not_safetensors(data, "the header is not JSON") from None
     if not isinstance(header, dict):
         raise _not_safetensors(data, "the header is not a JSON object")
@@ -235,7 +236,7 @@ def _parse_metadata(metadata: Any) -> dict[str, Any]:
         raise UpdateError(f"unknown mechanism {mechanism!r}")
     try:
         params = json.loads(metadata["params"])
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError, RecursionError):
         raise UpdateError(f"metadata params is not JSON: {metadata['params']!r}") from None
     if not isinstance(params, dict):
         raise UpdateError("metadata params must be a JSON object")
