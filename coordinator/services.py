@@ -679,8 +679,9 @@ def update_accept(*, task: Task, data: bytes) -> Update:
     A retried upload of the same bytes returns the stored update and commits nothing more.
     Bytes that are no update at all are refused with nothing stored, so the agent can retry.
     An update that decodes but breaks the round's rules (mechanism, sparsity, bounds) is
-    recorded as rejected with its reason, and its epsilon is committed all the same: its values
-    left the site. The round goes on without it.
+    recorded as rejected with its reason and sha256 for the audit, but its bytes are not kept
+    (its path is empty: only accepted updates are stored), and its epsilon is committed all the
+    same: its values left the site. The round goes on without it.
     """
     from coordinator.aggregation import UpdateRejected, validate_update
     from sitesagent.updates import UpdateError, decode_update
@@ -689,6 +690,7 @@ def update_accept(*, task: Task, data: bytes) -> Update:
     existing = Update.objects.filter(task=task).first()
     if existing is not None:
         return _retried_upload(existing, digest)
+    _check_takes_update(task)  # before decoding or storing anything
     try:
         decoded = decode_update(data, max_bytes=settings.MAX_UPDATE_BYTES)
     except UpdateError as error:
@@ -706,20 +708,13 @@ def update_accept(*, task: Task, data: bytes) -> Update:
     except UpdateRejected as error:
         rejection = str(error)
 
-    path, _ = storage.put("updates", data)
+    path = "" if rejection else storage.put("updates", data)[0]
     with transaction.atomic():
         task = Task.objects.select_for_update().select_related("round", "site").get(pk=task.pk)
         existing = Update.objects.filter(task=task).first()
         if existing is not None:
             return _retried_upload(existing, digest)
-        if (
-            not task.round.is_open
-            or task.round.state == RoundState.AGGREGATING
-            or task.state == TaskState.DROPPED
-        ):
-            raise Conflict(
-                f"this task no longer takes an update (task {task.state}, round {task.round.state})"
-            )
+        _check_takes_update(task)
         update = Update.objects.create(
             task=task,
             path=path,
@@ -754,6 +749,12 @@ def update_accept(*, task: Task, data: bytes) -> Update:
     if rejection:
         raise UpdateRejectedError(f"the update was rejected: {rejection}", details={"update": update.pk})
     return update
+
+
+def _check_takes_update(task: Task) -> None:
+    round_ = task.round
+    if not round_.is_open or round_.state == RoundState.AGGREGATING or task.state == TaskState.DROPPED:
+        raise Conflict(f"this task no longer takes an update (task {task.state}, round {round_.state})")
 
 
 def _retried_upload(existing: Update, digest: str) -> Update:

@@ -2,7 +2,9 @@
 
 from decimal import Decimal
 
-from coordinator import selectors, services
+from django.conf import settings
+
+from coordinator import selectors, services, storage
 from coordinator.models import LedgerEntry, LedgerKind, Membership, Task, Update
 
 from .conftest import SVT_PARAMS
@@ -74,6 +76,9 @@ def test_an_update_breaking_the_rounds_rules_is_recorded_rejected_and_still_spen
     assert "gamma" in response.json()["error"]
     update = Update.objects.get(task=task)
     assert update.status == "rejected" and "gamma" in update.rejection_reason
+    # Recorded for the audit by its hash; its bytes are not kept.
+    assert update.path == "" and update.sha256 == storage.sha256_of(wrong)
+    assert not (settings.STORAGE_DIR / "updates").exists()
     task.refresh_from_db()
     assert task.state == "dropped" and "rejected" in task.reason
     # Its values left the site: the reservation is committed, not released.

@@ -379,7 +379,9 @@ class RawBytesParser(BaseParser):
 @permission_classes(AGENT)
 @parser_classes([RawBytesParser])
 def agent_task_update(request, pk: int):
-    update = services.update_accept(task=_agent_task(request, pk), data=request.data)
+    # DRF hands an empty body over as {}, not b"": it is still an upload, just not an update.
+    data = request.data if isinstance(request.data, bytes) else b""
+    update = services.update_accept(task=_agent_task(request, pk), data=data)
     return Response({"update": update.pk, "sha256": update.sha256, "status": update.status})
 
 
