@@ -14,7 +14,7 @@ import json
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from coordinator import access, events, services
+from coordinator import access, events, services, throttle
 from coordinator.errors import ServiceError
 from coordinator.models import Federation, Round, Task
 
@@ -123,13 +123,39 @@ class AgentConsumer(_ForwardingConsumer):
         if message["event"].get("type") == "task.assigned":
             await self.send_json(message["event"])
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # One bucket per socket: an agent's flood costs that agent's messages, nobody else's.
+        self.metrics_bucket = throttle.metrics_bucket()
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        """Every frame spends a token; one that is no JSON object is answered, and the socket stays open."""
+        allowed = self.metrics_bucket.take()
+        if text_data is None:
+            await self.send_json({"type": "error", "error": "binary frames are not understood: send JSON text"})
+            return
+        try:
+            content = await self.decode_json(text_data)
+        except (ValueError, RecursionError):
+            await self.send_json({"type": "error", "error": "the message is not JSON"})
+            return
+        if not isinstance(content, dict):
+            kind = type(content).__name__
+            await self.send_json({"type": "error", "error": f"a message must be a JSON object, not {kind}"})
+            return
+        if not allowed:
+            refusal = throttle.metrics_refusal("messages")
+            await self.send_json({"type": "error", "error": refusal, "seq": content.get("seq")})
+            return
+        await self.receive_json(content, **kwargs)
+
     async def receive_json(self, content, **kwargs):
         if content.get("type") != "metrics":
             await self.send_json({"type": "error", "error": f"unknown message type {content.get('type')!r}"})
             return
         try:
             task = await self._task(int(content.get("task", 0)))
-            points = list(content.get("points", []))
+            points = content.get("points", [])
             stored = await database_sync_to_async(services.metrics_record)(task=task, points=points)
         except (ServiceError, TypeError, ValueError) as error:
             await self.send_json({"type": "error", "error": str(error), "seq": content.get("seq")})

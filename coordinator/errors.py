@@ -28,3 +28,7 @@ class LaunchRefused(ServiceError):
 
 class UpdateRejectedError(ServiceError):
     status_code = 422
+
+
+class TooManyRequests(ServiceError):
+    status_code = 429

@@ -790,10 +790,19 @@ def _commit_reservation(task: Task, *, reason: str) -> None:
         pass
 
 
-def metrics_record(*, task: Task, points: list[dict]) -> int:
+def metrics_record(*, task: Task, points: Any) -> int:
     """Store metric points an agent sent for its task, and forward them live."""
+    if not isinstance(points, list):
+        raise InvalidInput(f"points must be a list of metric points, not {type(points).__name__}")
+    if len(points) > protocol.METRIC_POINTS_PER_MESSAGE:
+        raise InvalidInput(
+            f"too many metric points in one message: {len(points)}, the limit is "
+            f"{protocol.METRIC_POINTS_PER_MESSAGE}; send them in smaller batches"
+        )
     clean = []
     for point in points:
+        if not isinstance(point, dict):
+            raise InvalidInput(f"a metric point must be an object with a name, a value and a step: {point!r}")
         name = str(point.get("name", ""))[:64]
         try:
             value = float(point["value"])

@@ -163,6 +163,10 @@ if AGGREGATION_DEVICE not in ("auto", "cpu", "cuda"):
     raise ImproperlyConfigured(f"AGGREGATION_DEVICE must be auto, cpu or cuda, not {AGGREGATION_DEVICE!r}")
 MAX_UPDATE_BYTES = env_int("MAX_UPDATE_BYTES", 256 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_UPDATE_BYTES
+# Live metrics: per agent socket, and per site over HTTP, this many messages a second on average
+# and at most METRICS_BURST at once (coordinator.throttle).
+METRICS_MESSAGES_PER_SECOND = env_int("METRICS_MESSAGES_PER_SECOND", 50)
+METRICS_BURST = env_int("METRICS_BURST", 200)
 # An agent not heard from for this long is shown offline.
 SITE_ONLINE_SECONDS = env_int("SITE_ONLINE_SECONDS", 60)
 

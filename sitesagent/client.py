@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from sitesagent import protocol
+
 log = logging.getLogger("sitesagent")
 
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
@@ -113,8 +115,10 @@ def _error_text(response: httpx.Response) -> str:
 class LiveChannel:
     """Metrics out and task notifications in, over the agent's websocket, on a background thread.
 
-    ``send`` never blocks the training loop: points are queued and sent in small batches. When
-    the websocket is down, batches go over HTTP instead, so no point is lost.
+    ``send`` never blocks the training loop: points are queued and sent in batches, one message
+    per task every ``batch_seconds`` (well under the coordinator's default rate limit of 50
+    messages a second), and never more than ``protocol.METRIC_POINTS_PER_MESSAGE`` points in one.
+    When the websocket is down, batches go over HTTP instead, so no point is lost.
     """
 
     def __init__(self, client: Client, *, batch_seconds: float = 0.2):
@@ -194,7 +198,10 @@ class LiveChannel:
                 break
             if item is None:
                 break
-            batches.setdefault(item[0], []).append(item[1])
+            batch = batches.setdefault(item[0], [])
+            batch.append(item[1])
+            if len(batch) == protocol.METRIC_POINTS_PER_MESSAGE:
+                break  # a full message goes now; the coordinator refuses larger ones
         return batches
 
     def _drain_over_http(self, *, seconds: float) -> None:

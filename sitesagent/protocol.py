@@ -56,6 +56,9 @@ UPDATE_FORMAT = "fl-update/1"
 METRIC_TRAIN_LOSS = "train_loss"
 METRIC_THROUGHPUT = "throughput"
 METRIC_DICE = ("dice_et", "dice_wt", "dice_tc", "dice_mean")
+# The most metric points one websocket message or HTTP request may carry: the agent splits its
+# batches at this size, and the coordinator refuses anything larger.
+METRIC_POINTS_PER_MESSAGE = 1000
 
 SITE_TOKEN_PREFIX = "site_"
 USER_TOKEN_PREFIX = "user_"

@@ -283,7 +283,7 @@ class MetricPointSerializer(serializers.Serializer):
 
 
 class MetricsSerializer(serializers.Serializer):
-    points = MetricPointSerializer(many=True)
+    points = MetricPointSerializer(many=True, max_length=protocol.METRIC_POINTS_PER_MESSAGE)
 
 
 class HeartbeatSerializer(serializers.Serializer):

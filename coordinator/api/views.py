@@ -9,7 +9,7 @@ from rest_framework.decorators import api_view, parser_classes, permission_class
 from rest_framework.parsers import BaseParser
 from rest_framework.response import Response
 
-from coordinator import access, privacy_preview, selectors, services, storage
+from coordinator import access, privacy_preview, selectors, services, storage, throttle
 from coordinator.api import serializers as s
 from coordinator.api.auth import IsPerson, IsSiteAgent, SiteAgent, touch_site
 from coordinator.errors import NotAllowed
@@ -350,14 +350,18 @@ def agent_task_status(request, pk: int):
 
 
 @extend_schema(
-    request=s.MetricsSerializer, responses=OpenApiResponse(description="How many points were stored")
+    request=s.MetricsSerializer,
+    responses={
+        200: OpenApiResponse(description="How many points were stored"),
+        429: OpenApiResponse(description="Over the site's metrics rate; nothing stored"),
+    },
 )
 @api_view(["POST"])
 @permission_classes(AGENT)
 def agent_task_metrics(request, pk: int):
-    stored = services.metrics_record(
-        task=_agent_task(request, pk), points=_valid(s.MetricsSerializer, request)["points"]
-    )
+    task = _agent_task(request, pk)
+    throttle.metrics_request_check(task.site_id)
+    stored = services.metrics_record(task=task, points=_valid(s.MetricsSerializer, request)["points"])
     return Response({"stored": stored})
 
 
