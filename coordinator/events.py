@@ -45,8 +45,8 @@ def send_now(groups: list[str], event: dict[str, Any]) -> None:
         # One hop into the event loop for all groups: each async_to_sync call outside a loop
         # costs a thread and a Redis connection (measured: 202 sends 228 ms -> 42 ms).
         async_to_sync(send_to_all)()
-    except Exception:  # noqa: BLE001 - events are best effort; state lives in the database
-        log.exception("could not send %s event to %s", event.get("type"), groups)
+    except Exception as error:  # noqa: BLE001 - events are best effort; state lives in the database
+        log.warning("could not send %s event to %s: %s", event.get("type"), groups, error)
 
 
 def send_on_commit(groups: list[str], event: dict[str, Any]) -> None:

@@ -192,6 +192,8 @@ class Round(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, related_name="+"
     )
     launched_at = models.DateTimeField(default=timezone.now)
+    # When its aggregation was last queued: a queued message can be lost with Redis's memory.
+    aggregation_queued_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     failure_reason = models.TextField(blank=True)
 

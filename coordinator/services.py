@@ -6,6 +6,7 @@ coordinator.errors with messages a person can act on; nothing is written when th
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -42,6 +43,8 @@ from coordinator.models import (
 from coordinator.selectors import balances_for, open_reservations
 from sitesagent import protocol
 from sitesagent.model import preset
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRAINING = {"local_epochs": 1, "max_iterations": 0, "batch_size": 1, "lr": 1e-4, "roi_size": 64}
 
@@ -586,14 +589,47 @@ def round_check_completion(*, round_id: int) -> str:
         round_.state = RoundState.AGGREGATING
         round_.save(update_fields=["state"])
         _send_round_event(round_)
-        _enqueue_aggregation(round_.pk)
+        _enqueue_aggregation(round_)
         return "aggregating"
 
 
-def _enqueue_aggregation(round_id: int) -> None:
+def _enqueue_aggregation(round_: Round) -> None:
+    """Queue the round's aggregation once this transaction commits.
+
+    With Redis down the message cannot be sent; the state change stands, and the deadline
+    check queues it again after AGGREGATION_REQUEUE_SECONDS (rounds_requeue_stalled_aggregations).
+    """
     from coordinator.tasks import round_aggregate_task
 
-    transaction.on_commit(lambda: round_aggregate_task.delay(round_id))
+    round_.aggregation_queued_at = timezone.now()
+    round_.save(update_fields=["aggregation_queued_at"])
+    round_id = round_.pk
+
+    def send() -> None:
+        try:
+            round_aggregate_task.delay(round_id)
+        except Exception as error:  # noqa: BLE001 - the broker is down; the requeue sweep retries
+            log.warning(
+                "could not queue the aggregation of round %s (%s); it will be queued again", round_id, error
+            )
+
+    transaction.on_commit(send)
+
+
+def rounds_requeue_stalled_aggregations(*, now=None) -> list[int]:
+    """Queue again the aggregation of rounds that have waited too long for their result."""
+    now = now or timezone.now()
+    stalled_since = now - timedelta(seconds=settings.AGGREGATION_REQUEUE_SECONDS)
+    requeued = []
+    for round_id in Round.objects.filter(
+        state=RoundState.AGGREGATING, aggregation_queued_at__lte=stalled_since
+    ).values_list("pk", flat=True):
+        with transaction.atomic():
+            round_ = Round.objects.select_for_update().get(pk=round_id)
+            if round_.state == RoundState.AGGREGATING:
+                _enqueue_aggregation(round_)
+                requeued.append(round_id)
+    return requeued
 
 
 def rounds_enforce_deadlines(*, now=None) -> list[int]:

@@ -153,8 +153,17 @@ CELERY_BEAT_SCHEDULE = {
     "enforce-round-deadlines": {
         "task": "coordinator.tasks.rounds_enforce_deadlines_task",
         "schedule": float(env_int("DEADLINE_CHECK_SECONDS", 10)),
-    }
+    },
+    "requeue-stalled-aggregations": {
+        "task": "coordinator.tasks.rounds_requeue_stalled_aggregations_task",
+        "schedule": float(env_int("DEADLINE_CHECK_SECONDS", 10)),
+    },
 }
+
+# A round aggregating for this long without a result has its aggregation queued again (by the
+# deadline check): the queued message may have been lost with Redis, or never sent while it was
+# down. Aggregation is idempotent, so a second run on a slow first one costs only time.
+AGGREGATION_REQUEUE_SECONDS = env_int("AGGREGATION_REQUEUE_SECONDS", 300)
 
 # Fault-injection for the exactly-once tests: seconds an aggregation pauses before storing.
 AGGREGATION_PAUSE_SECONDS = float(env_int("AGGREGATION_PAUSE_SECONDS", 0))

@@ -16,3 +16,8 @@ def round_aggregate_task(self, round_id: int) -> str:
 @shared_task(acks_late=True)
 def rounds_enforce_deadlines_task() -> list[int]:
     return services.rounds_enforce_deadlines()
+
+
+@shared_task(acks_late=True)
+def rounds_requeue_stalled_aggregations_task() -> list[int]:
+    return services.rounds_requeue_stalled_aggregations()

@@ -68,7 +68,11 @@ class Worker(ChildProcess):
     def __init__(self, log_path: Path, storage_dir: Path, **extra: str):
         command = worker_command(beat_schedule=log_path.parent / "beat-schedule")
         environment = shared_environment(
-            storage_dir, CELERY_VISIBILITY_TIMEOUT="3", DEADLINE_CHECK_SECONDS="1", **extra
+            storage_dir,
+            CELERY_VISIBILITY_TIMEOUT="3",
+            DEADLINE_CHECK_SECONDS="1",
+            AGGREGATION_REQUEUE_SECONDS="3",
+            **extra,
         )
         super().__init__(command, log_path, environment)
         self.wait_for_output("ready", timeout=60)
@@ -101,7 +105,9 @@ class PrivateRedis(ChildProcess):
         self.wait_for_output("Ready to accept connections", timeout=10)
 
     def restarted(self) -> PrivateRedis:
-        self.kill()
+        """A new server on the same port, empty; this one killed first if it still runs."""
+        if self.alive():
+            self.kill()
         return PrivateRedis(self.log_path, self.port)
 
 

@@ -10,7 +10,16 @@ import pytest
 from django.conf import settings
 
 from coordinator import selectors, services
-from coordinator.models import LedgerEntry, Membership, ModelVersion, Round, RoundState, Task, Update
+from coordinator.models import (
+    LedgerEntry,
+    Membership,
+    MetricPoint,
+    ModelVersion,
+    Round,
+    RoundState,
+    Task,
+    Update,
+)
 from sitesagent import protocol
 from sitesagent.state import AgentState
 from sitesagent.synth import write_synthetic_cases
@@ -158,3 +167,72 @@ def test_an_agent_restarted_mid_upload_commits_its_update_and_epsilon_once(
     state = AgentState.load(agent.state_file)
     assert state.task(task.pk)["status"] == "uploaded"
     assert state.spent_epsilon == pytest.approx(float(ROUND_EPSILON))
+
+
+def _train_loss_steps(round_: Round, site_id: int) -> list[int]:
+    return sorted(
+        MetricPoint.objects.filter(
+            round=round_, site_id=site_id, name=protocol.METRIC_TRAIN_LOSS
+        ).values_list("step", flat=True)
+    )
+
+
+def _two_agents_training(processes, web_url, round_, sites, site_data):
+    agents = [
+        processes.start(servers.Agent, web_url, token, data, once=True)
+        for (site, token), data in zip(sites.values(), site_data, strict=False)
+    ]
+    for task in Task.objects.filter(round=round_):
+        _wait_for(_task_state(task, "training"), "both agents to train", 120, *agents)
+    return agents
+
+
+def _assert_round_complete_and_nothing_lost(round_: Round, sites) -> None:
+    round_.refresh_from_db()
+    assert round_.state == RoundState.DONE, round_.failure_reason
+    assert ModelVersion.objects.filter(produced_by=round_).count() == 1
+    for site, _ in sites.values():
+        assert _ledger(round_, site.pk) == ["commit", "reserve"]
+        assert Update.objects.get(task__round=round_, task__site=site).status == "accepted"
+        assert _train_loss_steps(round_, site.pk) == list(range(1, TRAINING["max_iterations"] + 1))
+
+
+@pytest.mark.parametrize("outage", ["restart while training", "down while the updates arrive"])
+def test_redis_restarted_mid_round_loses_nothing(
+    processes, tmp_path, site_data, alice, federation, sites, outage
+):
+    redis = processes.start(servers.PrivateRedis)
+    web = processes.start(servers.AsgiServer, settings.STORAGE_DIR, REDIS_URL=redis.url)
+    worker = processes.start(servers.Worker, settings.STORAGE_DIR, REDIS_URL=redis.url)
+    round_ = services.round_launch(federation=federation, launched_by=alice, training_params=TRAINING)
+    agents = _two_agents_training(processes, web.url, round_, sites, site_data)
+
+    redis.kill()  # everything Redis held is gone: queued tasks, channel groups
+    if outage == "down while the updates arrive":
+        # The aggregation cannot be queued: the round waits in "aggregating" for Redis.
+        _wait_for(_round_state(round_, "aggregating"), "both updates", 120, web, *agents)
+        web.wait_for_output("could not queue the aggregation", timeout=60)
+        time.sleep(4)  # well past AGGREGATION_REQUEUE_SECONDS, while nothing can be queued
+        assert Round.objects.get(pk=round_.pk).state == RoundState.AGGREGATING
+    processes.started.append(redis.restarted())
+    _wait_for(_round_state(round_, "done", "failed"), "the round to finish", 180, web, worker)
+
+    assert all(agent.process.wait(timeout=60) == 0 for agent in agents)
+    _assert_round_complete_and_nothing_lost(round_, sites)
+
+
+def test_the_web_process_restarted_mid_round_loses_nothing(
+    processes, tmp_path, site_data, alice, federation, sites
+):
+    web = processes.start(servers.AsgiServer, settings.STORAGE_DIR)
+    worker = processes.start(servers.Worker, settings.STORAGE_DIR)
+    round_ = services.round_launch(federation=federation, launched_by=alice, training_params=TRAINING)
+    agents = _two_agents_training(processes, web.url, round_, sites, site_data)
+
+    web.kill()
+    time.sleep(2)  # the agents meet a dead coordinator for a while
+    web = processes.start(servers.AsgiServer, settings.STORAGE_DIR, port=web.port)
+    _wait_for(_round_state(round_, "done", "failed"), "the round to finish", 180, web, worker)
+
+    assert all(agent.process.wait(timeout=60) == 0 for agent in agents)
+    _assert_round_complete_and_nothing_lost(round_, sites)
