@@ -306,7 +306,11 @@ class MetricPoint(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        indexes = [models.Index(fields=["round", "site", "name", "step"])]
+        # One value per step: an agent re-sending a batch whose ack it never got (after a
+        # dropped socket) overwrites rather than duplicates.
+        constraints = [
+            models.UniqueConstraint(fields=["round", "site", "name", "step"], name="one_metric_value_per_step")
+        ]
 
     def __str__(self) -> str:
         return f"{self.name}[{self.step}] = {self.value:g}"

@@ -861,7 +861,15 @@ def metrics_record(*, task: Task, points: Any) -> int:
                 value=value,
             )
         )
-    MetricPoint.objects.bulk_create(clean)
+    # The last value for a step wins, within a batch and against what is stored: a re-sent batch
+    # (its ack was lost) or a task trained again after a restart overwrites, never duplicates.
+    clean = list({(p.name, p.step): p for p in clean}.values())
+    MetricPoint.objects.bulk_create(
+        clean,
+        update_conflicts=True,
+        unique_fields=["round", "site", "name", "step"],
+        update_fields=["value", "created_at"],
+    )
     events.send_now(
         events.site_scoped_groups(
             federation_id=task.round.federation_id, round_id=task.round_id, site_id=task.site_id

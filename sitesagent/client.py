@@ -118,7 +118,11 @@ class LiveChannel:
     ``send`` never blocks the training loop: points are queued and sent in batches, one message
     per task every ``batch_seconds`` (well under the coordinator's default rate limit of 50
     messages a second), and never more than ``protocol.METRIC_POINTS_PER_MESSAGE`` points in one.
-    When the websocket is down, batches go over HTTP instead, so no point is lost.
+    Each message waits for the coordinator's ack. When the websocket goes down, or the
+    coordinator refuses a message (its rate limit, say), the unacknowledged batches go over HTTP
+    instead, and so does everything after them until the socket is back, so no point is lost.
+    A batch stored just before its ack was lost arrives twice; the coordinator keeps one point
+    per (task, name, step), so that is harmless.
     """
 
     def __init__(self, client: Client, *, batch_seconds: float = 0.2):
@@ -129,6 +133,8 @@ class LiveChannel:
         self.connected = threading.Event()
         self.sent_over_websocket = 0
         self.sent_over_http = 0
+        # Sent over the websocket and not yet acknowledged: {sequence number: (task, points)}.
+        self._unacked: dict[int, tuple[int, list[dict[str, Any]]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="live-channel", daemon=True)
 
@@ -158,7 +164,9 @@ class LiveChannel:
             except Exception as error:  # noqa: BLE001 - any websocket failure falls back to HTTP
                 self.connected.clear()
                 log.info("live channel down (%s); sending metrics over HTTP", error)
+                self._resend_unacked_over_http()
                 self._drain_over_http(seconds=3.0)
+        self._resend_unacked_over_http()
 
     def _run_websocket(self) -> None:
         from websockets.sync.client import connect
@@ -168,25 +176,49 @@ class LiveChannel:
             self.connected.set()
             sequence = 0
             while not self._stop.is_set():
-                self._read_notifications(socket)
-                batches = self._take_batches()
-                for task_id, points in batches.items():
+                self._read_replies(socket)
+                for task_id, points in self._take_batches().items():
                     sequence += 1
+                    self._unacked[sequence] = (task_id, points)
                     socket.send(
                         json.dumps({"type": "metrics", "task": task_id, "points": points, "seq": sequence})
                     )
                     self.sent_over_websocket += len(points)
+            self._await_acks(socket, timeout=5.0)
 
-    def _read_notifications(self, socket) -> None:
+    def _read_replies(self, socket, timeout: float = 0) -> None:
         while True:
             try:
-                message = json.loads(socket.recv(timeout=0))
+                message = json.loads(socket.recv(timeout=timeout))
             except TimeoutError:
                 return
-            if message.get("type") == "task.assigned":
+            kind = message.get("type")
+            if kind == "task.assigned":
                 self.task_waiting.set()
-            elif message.get("type") == "error":
+            elif kind == "ack":
+                self._unacked.pop(message.get("seq"), None)
+            elif kind == "error":
                 log.warning("coordinator refused live metrics: %s", message.get("error"))
+                refused = self._unacked.pop(message.get("seq"), None)
+                if refused is not None:
+                    self._post_over_http(*refused)
+
+    def _await_acks(self, socket, *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._unacked and time.monotonic() < deadline:
+            self._read_replies(socket, timeout=0.1)
+
+    def _resend_unacked_over_http(self) -> None:
+        unacked, self._unacked = self._unacked, {}
+        for task_id, points in unacked.values():
+            self._post_over_http(task_id, points)
+
+    def _post_over_http(self, task_id: int, points: list[dict[str, Any]]) -> None:
+        try:
+            self.client.post_metrics(task_id, points)
+            self.sent_over_http += len(points)
+        except (ConnectionError, CoordinatorError) as error:
+            log.warning("could not send %d metric points: %s", len(points), error)
 
     def _take_batches(self) -> dict[int, list[dict[str, Any]]]:
         batches: dict[int, list[dict[str, Any]]] = {}
@@ -208,8 +240,4 @@ class LiveChannel:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self._stop.is_set():
             for task_id, points in self._take_batches().items():
-                try:
-                    self.client.post_metrics(task_id, points)
-                    self.sent_over_http += len(points)
-                except (ConnectionError, CoordinatorError) as error:
-                    log.warning("could not send %d metric points: %s", len(points), error)
+                self._post_over_http(task_id, points)

@@ -223,6 +223,18 @@ def test_an_agent_sends_metrics_over_its_socket_and_gets_an_ack(federation, site
     async_to_sync(scenario)()
 
 
+def test_a_batch_sent_again_overwrites_its_points_rather_than_duplicating_them(federation, sites, alice):
+    """An agent whose socket dropped before the ack re-sends the batch over HTTP."""
+    round_ = services.round_launch(federation=federation, launched_by=alice)
+    task = Task.objects.get(round=round_, site=sites["A"][0])
+    batch = [{"name": "train_loss", "step": s, "value": 1.0 / s} for s in (1, 2, 3)]
+    services.metrics_record(task=task, points=batch)
+    services.metrics_record(task=task, points=batch)
+    services.metrics_record(task=task, points=[{"name": "train_loss", "step": 3, "value": 0.1}] * 2)
+    stored = MetricPoint.objects.filter(round=round_, name="train_loss").order_by("step")
+    assert [(p.step, p.value) for p in stored] == [(1, 1.0), (2, 0.5), (3, 0.1)]
+
+
 def test_an_agent_cannot_send_metrics_for_another_sites_task(federation, sites, alice):
     async def scenario():
         round_ = await launch(federation, alice)
