@@ -50,6 +50,13 @@ class Processes:
         for process in reversed(self.started):
             process.stop()
 
+    def assert_logs_never_mention(self, *secrets: str) -> None:
+        """No process wrote a token to its log, whatever went wrong along the way."""
+        for process in self.started:
+            text = process.output()
+            for secret in secrets:
+                assert secret not in text, f"{process.log_path.name} contains a token"
+
 
 @pytest.fixture
 def processes(tmp_path):
@@ -129,6 +136,7 @@ def test_an_agent_killed_mid_training_is_dropped_at_the_deadline_and_the_others_
         balance = selectors.membership_balance(membership)
         assert balance.reserved == 0
         assert balance.committed == (0 if membership.site_id == doomed.site_id else ROUND_EPSILON)
+    processes.assert_logs_never_mention(*tokens.values())
 
 
 @pytest.mark.parametrize("cut", ["answer", "request"])
@@ -167,6 +175,7 @@ def test_an_agent_restarted_mid_upload_commits_its_update_and_epsilon_once(
     state = AgentState.load(agent.state_file)
     assert state.task(task.pk)["status"] == "uploaded"
     assert state.spent_epsilon == pytest.approx(float(ROUND_EPSILON))
+    processes.assert_logs_never_mention(token)
 
 
 def _train_loss_steps(round_: Round, site_id: int) -> list[int]:
@@ -185,6 +194,11 @@ def _two_agents_training(processes, web_url, round_, sites, site_data):
     for task in Task.objects.filter(round=round_):
         _wait_for(_task_state(task, "training"), "both agents to train", 120, *agents)
     return agents
+
+
+def _assert_agents_met_the_outage(agents) -> None:
+    """The fault hit the agents mid-round (a test of a restart nobody noticed proves nothing)."""
+    assert any("retrying in" in a.output() or "live channel down" in a.output() for a in agents)
 
 
 def _assert_round_complete_and_nothing_lost(round_: Round, sites) -> None:
@@ -218,7 +232,9 @@ def test_redis_restarted_mid_round_loses_nothing(
     _wait_for(_round_state(round_, "done", "failed"), "the round to finish", 180, web, worker)
 
     assert all(agent.process.wait(timeout=60) == 0 for agent in agents)
+    _assert_agents_met_the_outage(agents)
     _assert_round_complete_and_nothing_lost(round_, sites)
+    processes.assert_logs_never_mention(*(token for _, token in sites.values()))
 
 
 def test_the_web_process_restarted_mid_round_loses_nothing(
@@ -235,4 +251,6 @@ def test_the_web_process_restarted_mid_round_loses_nothing(
     _wait_for(_round_state(round_, "done", "failed"), "the round to finish", 180, web, worker)
 
     assert all(agent.process.wait(timeout=60) == 0 for agent in agents)
+    _assert_agents_met_the_outage(agents)
     _assert_round_complete_and_nothing_lost(round_, sites)
+    processes.assert_logs_never_mention(*(token for _, token in sites.values()))
