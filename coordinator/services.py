@@ -6,6 +6,7 @@ coordinator.errors with messages a person can act on; nothing is written when th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -15,7 +16,7 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
@@ -745,7 +746,7 @@ def update_accept(*, task: Task, data: bytes) -> Update:
         rejection = str(error)
 
     path = "" if rejection else storage.put("updates", data)[0]
-    with transaction.atomic():
+    with _blob_kept_only_if_recorded(Update, path), transaction.atomic():
         task = Task.objects.select_for_update().select_related("round", "site").get(pk=task.pk)
         existing = Update.objects.filter(task=task).first()
         if existing is not None:
@@ -785,6 +786,19 @@ def update_accept(*, task: Task, data: bytes) -> Update:
     if rejection:
         raise UpdateRejectedError(f"the update was rejected: {rejection}", details={"update": update.pk})
     return update
+
+
+@contextlib.contextmanager
+def _blob_kept_only_if_recorded(model: type[Update] | type[ModelVersion], path: str):
+    """Blobs are written before the transaction that records them; if it fails, the blob goes
+    too, unless an earlier row holds the same bytes (blobs are addressed by content)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(DatabaseError):  # unsure whether it is recorded: keep it
+            if path and not model.objects.filter(path=path).exists():
+                storage.discard(path)
+        raise
 
 
 def _check_takes_update(task: Task) -> None:
@@ -976,7 +990,8 @@ def round_aggregate(*, round_id: int) -> str:
 
 
 def _round_store_result(*, round_id: int, data: bytes) -> str:
-    with transaction.atomic():
+    blob = storage.relative_path("versions", storage.sha256_of(data))
+    with _blob_kept_only_if_recorded(ModelVersion, blob), transaction.atomic():
         round_ = Round.objects.select_for_update().select_related("federation").get(pk=round_id)
         if round_.state != RoundState.AGGREGATING or ModelVersion.objects.filter(produced_by=round_).exists():
             return f"round already {round_.state}"

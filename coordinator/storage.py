@@ -22,10 +22,14 @@ def root() -> Path:
     return Path(settings.STORAGE_DIR)
 
 
+def relative_path(kind: str, digest: str) -> str:
+    return f"{kind}/{digest[:2]}/{digest}.safetensors"
+
+
 def put(kind: str, data: bytes) -> tuple[str, str]:
     """Store ``data`` under ``kind`` (``versions`` or ``updates``); return (relative path, sha256)."""
     digest = sha256_of(data)
-    relative = f"{kind}/{digest[:2]}/{digest}.safetensors"
+    relative = relative_path(kind, digest)
     target = root() / relative
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +44,11 @@ def put(kind: str, data: bytes) -> tuple[str, str]:
             Path(temporary).unlink(missing_ok=True)
             raise
     return relative, digest
+
+
+def discard(relative: str) -> None:
+    """Remove a blob that no row refers to (its transaction failed)."""
+    path_of(relative).unlink(missing_ok=True)
 
 
 def path_of(relative: str) -> Path:

@@ -16,7 +16,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import DatabaseError, connection
 
-from coordinator import events, selectors, services
+from coordinator import events, selectors, services, storage
 from coordinator.models import AuditEvent, LedgerEntry, Membership, ModelVersion, Round, Task, Update
 
 from .conftest import SVT_PARAMS
@@ -69,6 +69,10 @@ def listening(*groups: str):
         async_to_sync(layer.group_discard)(group, channel)
 
 
+def _blobs(kind: str) -> list:
+    return sorted((storage.root() / kind).rglob("*.safetensors"))
+
+
 def _counts() -> dict[str, int]:
     models = (Round, Task, LedgerEntry, Update, ModelVersion, AuditEvent)
     return {model.__name__: model.objects.count() for model in models}
@@ -103,6 +107,7 @@ def test_an_upload_failing_at_its_commit_stores_no_update_and_can_be_sent_again(
         services.update_accept(task=task, data=data)
     assert _counts() == before
     assert heard == []
+    assert _blobs("updates") == []
     task.refresh_from_db()
     assert task.state == "assigned"
     assert selectors.membership_balance(Membership.objects.get(site=task.site)).reserved > 0
@@ -132,6 +137,7 @@ def test_an_aggregation_failing_as_it_finishes_the_round_stores_no_version_and_r
     assert round_.state == "aggregating"
     assert not ModelVersion.objects.filter(produced_by=round_).exists()
     assert heard == []
+    assert len(_blobs("versions")) == 1  # the base version's only
 
     assert services.round_aggregate(round_id=round_.pk) == "version 1"
     assert ModelVersion.objects.filter(produced_by=round_).count() == 1
