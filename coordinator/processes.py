@@ -116,8 +116,9 @@ def agent_command(
 
 
 def daphne_command(port: int, *, access_log: Path | None = None) -> list[str]:
-    """daphne serving the ASGI application on 127.0.0.1, as in production."""
-    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+    """daphne serving the ASGI application on 127.0.0.1, as in production: coordinator.serve,
+    which refuses a request body over its limit while it arrives."""
+    command = [sys.executable, "-m", "coordinator.serve", "-b", "127.0.0.1", "-p", str(port)]
     if access_log is not None:
         command += ["--access-log", str(access_log)]
     return [*command, "coordinator.asgi:application"]

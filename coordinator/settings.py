@@ -171,7 +171,9 @@ AGGREGATION_DEVICE = env_str("AGGREGATION_DEVICE", "auto")
 if AGGREGATION_DEVICE not in ("auto", "cpu", "cuda"):
     raise ImproperlyConfigured(f"AGGREGATION_DEVICE must be auto, cpu or cuda, not {AGGREGATION_DEVICE!r}")
 MAX_UPDATE_BYTES = env_int("MAX_UPDATE_BYTES", 256 * 1024 * 1024)
-DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_UPDATE_BYTES
+# Any other request's body. Both limits are enforced while a body arrives (coordinator.body_limit).
+MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 4 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(MAX_UPDATE_BYTES, MAX_REQUEST_BYTES)
 # Live metrics: per agent socket, and per site over HTTP, this many messages a second on average
 # and at most METRICS_BURST at once (coordinator.throttle).
 METRICS_MESSAGES_PER_SECOND = env_int("METRICS_MESSAGES_PER_SECOND", 50)

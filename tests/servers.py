@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 import threading
 from pathlib import Path
 from urllib.parse import quote
@@ -15,7 +14,7 @@ from django.conf import settings
 from django.db import connection
 
 from coordinator import embedded_redis
-from coordinator.processes import ChildProcess, agent_command, free_port, worker_command
+from coordinator.processes import ChildProcess, agent_command, daphne_command, free_port, worker_command
 
 
 def database_url() -> str:
@@ -42,19 +41,13 @@ def shared_environment(storage_dir: Path, **extra: str) -> dict[str, str]:
 
 
 class AsgiServer(ChildProcess):
-    """daphne serving coordinator.asgi (through runserver, which adds static files)."""
+    """The production command, daphne as coordinator.serve, on coordinator.asgi (which serves the
+    static files itself with DEBUG on); runserver would run daphne without the body limits."""
 
     def __init__(self, log_path: Path, storage_dir: Path, *, port: int | None = None, **extra: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "manage.py",
-            "runserver",
-            f"127.0.0.1:{self.port}",
-            "--noreload",
-            "--insecure",
-        ]
+        command = daphne_command(self.port)
         environment = shared_environment(
             storage_dir, DEBUG="true", ALLOWED_HOSTS="127.0.0.1,localhost", **extra
         )
