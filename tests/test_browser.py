@@ -75,6 +75,19 @@ def chromium():
     os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
 
 
+# Added to every page before its own scripts: each Content-Security-Policy violation is kept in
+# window.cspViolations and logged as a console error, which fails the test (see new_page).
+RECORD_CSP_VIOLATIONS = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  const where = `${event.sourceFile || document.location.pathname}:${event.lineNumber}`;
+  const violation = `${event.violatedDirective} blocked ${event.blockedURI || "inline"} at ${where}`;
+  window.cspViolations.push(violation);
+  console.error(`CSP violation: ${violation}`);
+});
+"""
+
+
 @pytest.fixture
 def new_page(chromium, app_url):
     """A fresh browser tab: ``new_page()`` signed out, ``new_page(user)`` signed in as ``user``."""
@@ -87,6 +100,7 @@ def new_page(chromium, app_url):
             permissions=["clipboard-read", "clipboard-write"],
         )
         context.set_default_timeout(TIMEOUT_MS)
+        context.add_init_script(RECORD_CSP_VIOLATIONS)
         if user is not None:
             client = Client()
             client.force_login(user)
@@ -197,7 +211,10 @@ def test_a_coordinator_registers_a_site_sets_a_budget_launches_and_watches_live(
     assert preview_epsilon.inner_text() == "1"
     page.wait_for_selector("body[data-ready=true]")
     page.get_by_label("ε release").fill("1.5")
-    page.wait_for_function("document.querySelector('[data-preview-epsilon]').textContent.trim() === '2'")
+    # A function, not an expression: Playwright evals expressions, which the page's CSP forbids.
+    page.wait_for_function(
+        "() => document.querySelector('[data-preview-epsilon]').textContent.trim() === '2'"
+    )
     after = page.locator("#preview-sites tr", has_text="Hospital B").locator("[data-after]")
     assert after.inner_text() == "0"
     page.get_by_role("button", name="Launch", exact=True).click()
@@ -327,6 +344,108 @@ def test_a_site_admin_cannot_see_another_sites_pages_or_data(new_page, federatio
     )
     assert traces == [[sites["A"][0].pk, [0.111]]]
     assert "Hospital B" not in page.content() and "0.999" not in page.content()
+
+
+# --- Every page under the Content-Security-Policy ------------------------------------------------
+
+
+def _visit_under_csp(page, path: str) -> None:
+    """Open ``path`` and check it works under the policy: scripts ran, charts drew, bars have their
+    widths, the live socket connected, and nothing was blocked."""
+    from coordinator.security import CONTENT_SECURITY_POLICY
+
+    response = page.goto(path)
+    assert response.status == 200, path
+    assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY, path
+    page.wait_for_load_state("load")
+    if page.locator("script[src$='/page.js']").count():  # every page but Django's admin
+        page.wait_for_selector("body[data-ready=true]")
+    for chart in page.locator("[data-figure]").all():
+        chart.locator(".main-svg").first.wait_for()
+        assert "js-plotly-plot" in chart.get_attribute("class")
+    if page.locator("[data-figure]").count():
+        # plotly's own rules come from static/css/plotly.css, not from a <style> it injects.
+        assert page.evaluate("getComputedStyle(document.querySelector('.main-svg')).position") == "absolute"
+    for bar in page.locator("[data-bar-width]").all():
+        assert bar.evaluate("b => b.style.width") == f"{bar.get_attribute('data-bar-width')}%", path
+    if page.locator("[data-live-status]").count():
+        page.wait_for_selector("body[data-live=connected]")
+    assert page.evaluate("window.cspViolations") == [], path
+
+
+def test_every_page_works_under_the_content_security_policy(
+    new_page, federation, sites, alice, bob, charlie, aggregate_here
+):
+    def world():
+        finished = services.round_launch(federation=federation, launched_by=alice)
+        for task in finished.tasks.select_related("round", "site"):
+            dice = [
+                {"name": name, "step": 1, "value": 0.6}
+                for name in ("dice_et", "dice_wt", "dice_tc", "dice_mean")
+            ]
+            services.metrics_record(task=task, points=dice)
+            _upload(task, n_cases=12)
+        _finish(finished.pk)
+        live = services.round_launch(federation=federation, launched_by=alice)
+        task = live.tasks.select_related("round", "site").get(site=sites["A"][0])
+        services.task_report(task=task, state=TaskState.TRAINING, progress=0.5)
+        services.metrics_record(task=task, points=[{"name": "train_loss", "step": 1, "value": 0.5}])
+        return finished, live
+
+    finished, live = background(world)
+    fed, site_a = federation.pk, sites["A"][0].pk
+    pages = {
+        alice: [
+            "/",
+            f"/federations/{fed}/",
+            f"/federations/{fed}/budgets/",
+            f"/federations/{fed}/launch/",
+            f"/federations/{fed}/privacy/",
+            f"/federations/{fed}/audit-log/",
+            f"/rounds/{finished.pk}/",
+            f"/rounds/{live.pk}/",
+            "/sites/",
+            f"/sites/{site_a}/",
+        ],
+        bob: [
+            "/",
+            f"/federations/{fed}/",
+            f"/federations/{fed}/budgets/",
+            f"/rounds/{live.pk}/",
+            f"/sites/{site_a}/",
+        ],
+        charlie: [
+            "/",
+            f"/federations/{fed}/",
+            f"/federations/{fed}/privacy/",
+            f"/federations/{fed}/audit-log/",
+        ],
+        None: ["/login/", "/admin/login/"],
+    }
+    for user, paths in pages.items():
+        page = new_page(user)
+        for path in paths:
+            _visit_under_csp(page, path)
+
+    page = new_page(alice)
+    # The launch form's preview is fetched as the form changes.
+    _visit_under_csp(page, f"/federations/{fed}/launch/")
+    page.get_by_label("ε release").fill("1.5")
+    page.locator("[data-preview-epsilon]").filter(has_text="2").wait_for()
+    # A chart exports itself as a PNG (plotly draws it through a data: image).
+    _visit_under_csp(page, f"/federations/{fed}/")
+    page.locator("#dice-chart").hover()
+    with page.expect_download() as download:
+        page.locator("#dice-chart .modebar-btn[data-title^='Download']").click()
+    assert download.value.suggested_filename.endswith(".png")
+    # A site registered: its token page's copy button works.
+    page.goto("/sites/")
+    page.get_by_label("Site name").fill("Hospital C")
+    page.get_by_role("button", name="Register site").click()
+    page.wait_for_selector("body[data-ready=true]")
+    page.get_by_role("button", name="Copy token").click()
+    assert page.evaluate("navigator.clipboard.readText()") == page.locator("#site-token").inner_text().strip()
+    assert page.evaluate("window.cspViolations") == []
 
 
 # --- Screenshots for the README -----------------------------------------------------------------

@@ -473,8 +473,8 @@ def test_round_page_embeds_what_is_known_so_far(alice, federation, sites):
         ("Hospital B", task_b.site_id, [], []),
     ]
     page = response.content.decode()
-    assert "out of GPU memory" in page and "0.7000" in page and 'style="width: 50%"' in page
-    assert f"watchRound({round_.pk})" in page
+    assert "out of GPU memory" in page and "0.7000" in page and 'data-bar-width="50"' in page
+    assert f'data-watch-round="{round_.pk}"' in page
 
 
 def test_round_page_shows_rejections_and_failures(alice, federation, sites):

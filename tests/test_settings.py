@@ -63,3 +63,57 @@ def test_processes_starting_at_once_share_one_embedded_redis(tmp_path):
         assert len(servers.stdout.split()) == 1, servers.stdout
     finally:
         _manage("embedded_redis", "stop", VAR_DIR=str(tmp_path))
+
+
+PRODUCTION = {
+    "DEBUG": "False",
+    "SECRET_KEY": "x" * 30 + "production-secret-key-of-enough-length",
+    "ALLOWED_HOSTS": "fl.example.org",
+}
+
+# Signs in over HTTPS (and asks once over plain HTTP) with the production settings, on a fresh
+# database, and prints what the responses carried.
+SIGN_IN_OVER_HTTPS = """
+import json
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.test import Client
+
+call_command("migrate", verbosity=0)
+get_user_model().objects.create_user("alice", password="alice-password-123")
+client = Client(HTTP_HOST="fl.example.org")
+plain = client.get("/login/")
+form = client.get("/login/", secure=True)
+signed_in = client.post("/login/", {"username": "alice", "password": "alice-password-123"}, secure=True)
+cookies = {name: dict(cookie) for name, cookie in client.cookies.items()}
+print(json.dumps({
+    "plain": [plain.status_code, plain.get("Location")],
+    "form": [form.status_code, dict(form.headers)],
+    "signed_in": [signed_in.status_code, dict(signed_in.headers)],
+    "cookies": cookies,
+}))
+"""
+
+
+def test_production_https_responses_carry_hsts_and_secure_http_only_cookies(tmp_path):
+    import json
+
+    from coordinator.security import CONTENT_SECURITY_POLICY
+
+    result = _manage(
+        "shell", "-c", SIGN_IN_OVER_HTTPS, DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}", **PRODUCTION
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["plain"] == [301, "https://fl.example.org/login/"]
+    form_status, form_headers = seen["form"]
+    assert form_status == 200
+    assert form_headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains; preload"
+    assert form_headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert seen["signed_in"][0] == 302
+    assert "includeSubDomains" in seen["signed_in"][1]["Strict-Transport-Security"]
+    for name in ("sessionid", "csrftoken"):
+        assert seen["cookies"][name]["secure"] is True, name
+        assert seen["cookies"][name]["httponly"] is True, name
+        assert seen["cookies"][name]["samesite"] == "Lax", name
+

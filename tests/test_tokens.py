@@ -79,3 +79,34 @@ def test_rotating_through_the_service_invalidates_the_old_hash(alice, sites):
     new = services.site_token_rotate(site=site, rotated_by=alice)
     assert services.site_authenticate(token) is None
     assert services.site_authenticate(new) == site
+
+
+def test_no_secret_reaches_a_log_record_at_debug(client_for, alice, caplog, settings):
+    """A whole flow with every logger (SQL included) at DEBUG: registering a site, its agent's
+    requests, a personal token in use, sign-ins that fail and succeed."""
+    from django.test import Client
+
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="django.db.backends")
+    connection.force_debug_cursor = True  # SQL is logged only with a debug cursor
+    try:
+        site_token = (
+            client_for(alice).post("/api/sites/", {"name": "Hospital Z"}, format="json").json()["token"]
+        )
+        assert client_for(token=site_token).get("/api/agent/task/").status_code == 204
+        personal = client_for(alice).post("/api/tokens/", {"name": "script"}, format="json").json()["token"]
+        assert client_for(token=personal).get("/api/federations/").status_code == 200
+        assert client_for(token=site_token[:-4] + "abcd").get("/api/agent/task/").status_code == 401
+        wrong_password = "not-alices-password-4711"
+        browser = Client()
+        assert browser.post("/login/", {"username": "alice", "password": wrong_password}).status_code == 200
+        assert (
+            browser.post("/login/", {"username": "alice", "password": "alice-password-123"}).status_code
+            == 302
+        )
+    finally:
+        connection.force_debug_cursor = False
+    logged = "\n".join(f"{record.getMessage()} {vars(record)!r}" for record in caplog.records)
+    assert "coordinator_personaltoken" in logged and "Unauthorized: /api/agent/task/" in logged
+    for secret in (site_token, personal, wrong_password, "alice-password-123", settings.SECRET_KEY):
+        assert secret not in logged
