@@ -4,7 +4,8 @@ Browsers (session cookie, origin checked): a federation's page joins ``federatio
 coordinators and auditors; a round page joins ``round-<id>``. A site admin joins only the
 ``site-<id>`` groups of their own sites, so their socket never carries another site's data.
 Agents (site token in the Authorization header): join their site's group to hear of new tasks,
-and send live metrics, which are stored and forwarded like the HTTP ones.
+and send live metrics, which are stored and forwarded like the HTTP ones. Refusals close with
+4403 (no access), 4401 (no valid token), or 4429 (too many failed tokens from this address).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import json
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from coordinator import access, events, services, throttle
+from coordinator import access, events, ratelimit, services, throttle
 from coordinator.errors import ServiceError
-from coordinator.models import Federation, Round, Task
+from coordinator.models import Federation, Round, Site, Task
 
 
 class _ForwardingConsumer(AsyncJsonWebsocketConsumer):
@@ -96,6 +97,16 @@ def _bearer_token(scope) -> str | None:
 
 
 @database_sync_to_async
+def _agent_site(scope) -> Site | None:
+    """The site whose token the socket carries; RateLimited once its address failed too often."""
+    token = _bearer_token(scope)
+    if not token:
+        return None
+    limits = ratelimit.token_limits(ratelimit.socket_client_address(scope))
+    return ratelimit.guard(limits, lambda: services.site_authenticate(token))
+
+
+@database_sync_to_async
 def _owned_task(site, task_id: int) -> Task:
     task = Task.objects.select_related("round", "site").filter(pk=task_id).first()
     if task is None:
@@ -108,8 +119,11 @@ class AgentConsumer(_ForwardingConsumer):
     """An agent's live channel: metrics in, task notifications out."""
 
     async def connect(self):
-        token = _bearer_token(self.scope)
-        self.site = await database_sync_to_async(services.site_authenticate)(token) if token else None
+        try:
+            self.site = await _agent_site(self.scope)
+        except ratelimit.RateLimited:
+            await self.close(code=4429)
+            return
         if self.site is None:
             await self.close(code=4401)
             return

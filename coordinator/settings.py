@@ -43,6 +43,13 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def env_positive_int(name: str, default: int) -> int:
+    value = env_int(name, default)
+    if value < 1:
+        raise ImproperlyConfigured(f"{name} must be 1 or more, not {value}")
+    return value
+
+
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
 
@@ -221,6 +228,13 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
+# Failed authentications allowed per window, counted in the shared cache (coordinator.ratelimit):
+# past a limit, sign-in and bearer tokens are refused with 429 until the window ends.
+SIGN_IN_FAILURES_PER_USERNAME = env_positive_int("SIGN_IN_FAILURES_PER_USERNAME", 10)
+SIGN_IN_FAILURES_PER_IP = env_positive_int("SIGN_IN_FAILURES_PER_IP", 30)
+SIGN_IN_FAILURE_WINDOW_SECONDS = env_positive_int("SIGN_IN_FAILURE_WINDOW_SECONDS", 300)
+TOKEN_FAILURES_PER_IP = env_positive_int("TOKEN_FAILURES_PER_IP", 30)
+TOKEN_FAILURE_WINDOW_SECONDS = env_positive_int("TOKEN_FAILURE_WINDOW_SECONDS", 60)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

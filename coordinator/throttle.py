@@ -5,13 +5,12 @@ nothing of it is stored; the socket stays open, and the agent may send again onc
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 
 from django.conf import settings
-from django.core.cache import cache
 
+from coordinator import ratelimit
 from coordinator.errors import TooManyRequests
 
 
@@ -55,15 +54,9 @@ def metrics_request_check(site_id: int) -> None:
     """Raise TooManyRequests once the site sent more than a burst of requests in its window.
 
     A site's first request opens a window of burst / rate seconds, so the average stays at the
-    rate; the count lives in the shared cache, so every web process sees the same one. The
-    window is two keys: one holds when it ends, the count lives under a key named by that end,
-    so an increment racing the expiry leaves a count nobody reads, never one that lasts forever.
+    rate; the count lives in the shared cache (ratelimit.window_count), so every web process
+    sees the same one.
     """
     seconds = max(1, round(settings.METRICS_BURST / settings.METRICS_MESSAGES_PER_SECOND))
-    window = f"metrics-requests:{site_id}"
-    cache.add(window, time.time() + seconds, timeout=seconds)
-    counter = f"{window}:{cache.get(window)}"
-    cache.add(counter, 0, timeout=seconds + 1)
-    with contextlib.suppress(ValueError):  # the window ended between add and incr
-        if cache.incr(counter) > settings.METRICS_BURST:
-            raise TooManyRequests(metrics_refusal("requests"))
+    if ratelimit.window_count(f"metrics-requests:{site_id}", seconds) > settings.METRICS_BURST:
+        raise TooManyRequests(metrics_refusal("requests"))

@@ -6,6 +6,8 @@ charlie audits; eve is signed in but has no role at all.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
@@ -29,6 +31,9 @@ def _fast_and_isolated(settings, tmp_path):
     settings.STORAGE_DIR = tmp_path / "storage"
     # The cast's passwords need no protection; PBKDF2 would cost a second per test.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Failed-authentication counts (coordinator.ratelimit) live in the shared Redis: a key prefix
+    # of its own keeps one test's failures from counting against the next.
+    settings.CACHES = {"default": {**settings.CACHES["default"], "KEY_PREFIX": f"test-{uuid.uuid4().hex}"}}
 
 
 def make_user(username: str, **extra):

@@ -117,3 +117,7 @@ def test_production_https_responses_carry_hsts_and_secure_http_only_cookies(tmp_
         assert seen["cookies"][name]["httponly"] is True, name
         assert seen["cookies"][name]["samesite"] == "Lax", name
 
+
+def test_a_rate_limit_of_zero_is_refused():
+    result = _manage("check", TOKEN_FAILURES_PER_IP="0")
+    assert result.returncode != 0 and "TOKEN_FAILURES_PER_IP must be 1 or more" in result.stderr

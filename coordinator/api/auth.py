@@ -2,7 +2,8 @@
 
 Site tokens start with ``site_`` and authenticate as a SiteAgent principal (never as a user);
 personal tokens start with ``user_`` and authenticate as their user. Both are looked up by
-their SHA-256 hash: the token itself is never stored or logged.
+their SHA-256 hash: the token itself is never stored or logged. A client address that keeps
+presenting unknown tokens is refused with 429 for a while (coordinator.ratelimit).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
-from coordinator import services
+from coordinator import ratelimit, services
 from coordinator.models import PersonalToken, Site, token_hash
 from sitesagent import protocol
 
@@ -30,6 +31,14 @@ class SiteAgent:
     pk: None = None
 
 
+class TooManyFailures(exceptions.APIException):
+    status_code = 429
+
+    def __init__(self, refusal: ratelimit.RateLimited):
+        super().__init__(str(refusal))
+        self.wait = refusal.retry_after  # DRF sends it as Retry-After
+
+
 class BearerTokenAuthentication(authentication.BaseAuthentication):
     keyword = "Bearer"
 
@@ -43,22 +52,30 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         token = token.strip()
         if not token:
             raise exceptions.AuthenticationFailed("the Bearer header carries no token")
-        if token.startswith(protocol.SITE_TOKEN_PREFIX):
-            site = services.site_authenticate(token)
-            if site is None:
-                raise exceptions.AuthenticationFailed("unknown or revoked site token")
-            return SiteAgent(site), site
-        personal = (
-            PersonalToken.objects.select_related("user")
-            .filter(token_hash=token_hash(token), revoked_at__isnull=True, user__is_active=True)
-            .first()
-        )
-        if personal is None:
-            raise exceptions.AuthenticationFailed("unknown or revoked token")
-        return personal.user, personal
+        limits = ratelimit.token_limits(ratelimit.http_client_address(request))
+        try:
+            principal = ratelimit.guard(limits, lambda: _principal(token))
+        except ratelimit.RateLimited as refusal:
+            raise TooManyFailures(refusal) from None
+        if principal is None:
+            kind = "site token" if token.startswith(protocol.SITE_TOKEN_PREFIX) else "token"
+            raise exceptions.AuthenticationFailed(f"unknown or revoked {kind}")
+        return principal
 
     def authenticate_header(self, request):
         return self.keyword
+
+
+def _principal(token: str) -> tuple[SiteAgent, Site] | tuple[object, PersonalToken] | None:
+    if token.startswith(protocol.SITE_TOKEN_PREFIX):
+        site = services.site_authenticate(token)
+        return (SiteAgent(site), site) if site else None
+    personal = (
+        PersonalToken.objects.select_related("user")
+        .filter(token_hash=token_hash(token), revoked_at__isnull=True, user__is_active=True)
+        .first()
+    )
+    return (personal.user, personal) if personal else None
 
 
 class IsSiteAgent(permissions.BasePermission):

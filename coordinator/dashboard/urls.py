@@ -4,7 +4,7 @@ from django.urls import path
 from coordinator.dashboard import views
 
 urlpatterns = [
-    path("login/", auth_views.LoginView.as_view(template_name="login.html"), name="login"),
+    path("login/", views.SignInView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", views.home, name="home"),
     path("federations/<int:pk>/", views.federation, name="dashboard-federation"),

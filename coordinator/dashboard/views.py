@@ -10,14 +10,15 @@ import csv
 import json
 
 from django.contrib import messages
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from coordinator import access, charts, privacy_preview, selectors, services
+from coordinator import access, charts, privacy_preview, ratelimit, selectors, services
 from coordinator.dashboard import composition, queries
 from coordinator.dashboard.forms import (
     BudgetForm,
@@ -97,6 +98,35 @@ def _show_token(request, site: Site, token: str, *, action: str) -> HttpResponse
     )
     response["Cache-Control"] = "no-store"
     return response
+
+
+# --- Sign-in ------------------------------------------------------------------------------------
+
+
+class SignInView(auth_views.LoginView):
+    """Django's sign-in, answering 429 without checking the password once the client's address or
+    the username has used up its failed sign-ins (coordinator.ratelimit)."""
+
+    template_name = "login.html"
+
+    def post(self, request, *args, **kwargs):
+        username = request.POST.get("username", "")
+        self.limits = ratelimit.sign_in_limits(ratelimit.http_client_address(request), username)
+        try:
+            ratelimit.check(self.limits)
+        except ratelimit.RateLimited as refusal:
+            form = self.get_form_class()(request, initial={"username": username})
+            response = self.render_to_response(
+                self.get_context_data(form=form, refusal=str(refusal)), status=429
+            )
+            response["Retry-After"] = str(refusal.retry_after)
+            return response
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form):
+        if form.has_error(NON_FIELD_ERRORS, "invalid_login"):
+            ratelimit.failure_record(self.limits)
+        return super().form_invalid(form)
 
 
 # --- Home ---------------------------------------------------------------------------------------
