@@ -6,11 +6,17 @@ runs in a window that its first failure opens; once it holds ``attempts`` failur
 without checking the credential until the window ends. Successes are never counted. Keys carry a
 hash of the address or username, never the value. ``window_count`` is the counting itself, which
 coordinator.throttle also uses for metrics requests.
+
+With Redis unreachable the limits lapse (logged) rather than fail every request: Redis is down
+for Celery and the live channels too, and agents must still reach the coordinator over HTTP
+to finish their rounds (tests/test_faults.py restarts Redis mid-round).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +25,27 @@ from typing import TypeVar
 
 from django.conf import settings
 from django.core.cache import cache
+from redis.exceptions import RedisError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def _lapses_without_redis(fallback):
+    """Without the cache's Redis, answer ``fallback`` (no limit) instead of failing the request."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except (RedisError, OSError) as error:
+                log.warning("rate limits are not enforced while Redis is unreachable: %s", error)
+                return fallback
+
+        return wrapper
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -75,6 +100,7 @@ def _counter(key: str, end: float) -> str:
     return f"{key}:{end}"
 
 
+@_lapses_without_redis(None)
 def check(limits: Sequence[Limit]) -> None:
     """Raise RateLimited when any of ``limits`` has no failure left in its window."""
     now = time.time()
@@ -94,6 +120,7 @@ def failure_record(limits: Sequence[Limit]) -> None:
         window_count(limit.key, limit.seconds)
 
 
+@_lapses_without_redis(0)
 def window_count(key: str, seconds: int) -> int:
     """Count one event in ``key``'s window, which the first event opens for ``seconds``; return the
     window's count so far (0 when it ended meanwhile: the next event opens another)."""

@@ -124,6 +124,18 @@ def test_successful_tokens_are_never_counted(limits, sites):
     assert agent_task("10.0.0.1", token).status_code == 204
 
 
+def test_with_redis_unreachable_the_limits_lapse_and_agents_still_get_through(limits, sites, caplog):
+    """Redis down must not take the API down with it: agents finish their rounds over HTTP."""
+    from coordinator.processes import free_port
+
+    dead = {**limits.CACHES["default"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
+    limits.CACHES = {"default": dead}
+    for _ in range(5):
+        assert agent_task("10.0.0.1", "site_not-a-token").status_code == 401
+    assert agent_task("10.0.0.1", sites["A"][1]).status_code == 204
+    assert "rate limits are not enforced while Redis is unreachable" in caplog.text
+
+
 def test_tokens_work_again_once_the_window_ends(limits, sites):
     limits.TOKEN_FAILURE_WINDOW_SECONDS = 1
     for _ in range(3):
