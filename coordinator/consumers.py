@@ -118,6 +118,11 @@ def _owned_task(site, task_id: int) -> Task:
 class AgentConsumer(_ForwardingConsumer):
     """An agent's live channel: metrics in, task notifications out."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # One bucket per socket: an agent's flood costs that agent's messages, nobody else's.
+        self.metrics_bucket = throttle.metrics_bucket()
+
     async def connect(self):
         try:
             self.site = await _agent_site(self.scope)
@@ -137,16 +142,13 @@ class AgentConsumer(_ForwardingConsumer):
         if message["event"].get("type") == "task.assigned":
             await self.send_json(message["event"])
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # One bucket per socket: an agent's flood costs that agent's messages, nobody else's.
-        self.metrics_bucket = throttle.metrics_bucket()
-
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         """Every frame spends a token; one that is no JSON object is answered, and the socket stays open."""
         allowed = self.metrics_bucket.take()
         if text_data is None:
-            await self.send_json({"type": "error", "error": "binary frames are not understood: send JSON text"})
+            await self.send_json(
+                {"type": "error", "error": "binary frames are not understood: send JSON text"}
+            )
             return
         try:
             content = await self.decode_json(text_data)

@@ -309,7 +309,9 @@ class MetricPoint(models.Model):
         # One value per step: an agent re-sending a batch whose ack it never got (after a
         # dropped socket) overwrites rather than duplicates.
         constraints = [
-            models.UniqueConstraint(fields=["round", "site", "name", "step"], name="one_metric_value_per_step")
+            models.UniqueConstraint(
+                fields=["round", "site", "name", "step"], name="one_metric_value_per_step"
+            )
         ]
 
     def __str__(self) -> str:
