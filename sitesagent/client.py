@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import queue
 import random
 import threading
@@ -143,6 +144,10 @@ class LiveChannel:
         return self
 
     def send(self, task_id: int, name: str, step: int, value: float) -> None:
+        if not math.isfinite(value):
+            # The coordinator stores finite values only, and would refuse the whole batch.
+            log.warning("task %s: %s is %s at step %s; not sent", task_id, name, value, step)
+            return
         self.outbox.put((task_id, {"name": name, "step": step, "value": value}))
 
     def flush(self, timeout: float = 10.0) -> None:

@@ -210,3 +210,13 @@ def test_the_agents_live_channel_keeps_every_point_of_fast_training_under_the_de
         assert "refused live metrics" not in caplog.text
     finally:
         server.stop()
+
+
+def test_a_non_finite_value_is_not_sent_so_its_batch_is_not_refused(caplog):
+    """One diverged step (NaN loss) must not cost the batch's other points."""
+    channel = LiveChannel(Client("http://127.0.0.1:9", "site_unused"))
+    for value in (float("nan"), float("inf"), 0.25):
+        channel.send(7, protocol.METRIC_TRAIN_LOSS, 3, value)
+    assert channel.outbox.qsize() == 1
+    assert channel.outbox.get()[1]["value"] == 0.25
+    assert "train_loss is nan at step 3; not sent" in caplog.text
