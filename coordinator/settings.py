@@ -142,7 +142,14 @@ REDIS_URL = env_str("REDIS_URL", "") or embedded_redis.ensure_running(VAR_DIR / 
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("CHANNELS_PREFIX", "fl")},
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            "prefix": env_str("CHANNELS_PREFIX", "fl"),
+            # Every socket of one web process shares one Redis queue, and channels_redis silently
+            # drops what arrives while that queue holds `capacity` messages (100 by default): a
+            # launch to 100 agents lost a push. Messages still expire after 60 s.
+            "capacity": env_int("CHANNELS_CAPACITY", 10_000),
+        },
     }
 }
 

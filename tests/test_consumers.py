@@ -7,6 +7,8 @@ so these tests need committed transactions (transaction=True).
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
@@ -197,6 +199,31 @@ def test_anonymous_and_roleless_sockets_are_refused(federation, sites, alice, ev
                 assert (ok, code) == (False, 4403), (user, path)
 
     async_to_sync(scenario)()
+
+
+def test_one_web_process_takes_a_burst_of_events_for_hundreds_of_sockets():
+    """All sockets of one process share one Redis queue; a launch to N agents puts N events in
+    it at once. channels_redis drops what arrives past its capacity without a word (a benchmark
+    with 100 agents lost a push), so the capacity must hold such a burst."""
+    layer = get_channel_layer()
+    sockets = 300
+
+    async def scenario() -> list[int]:
+        channels = [await layer.new_channel() for _ in range(sockets)]
+        for index, channel in enumerate(channels):
+            await layer.group_add(f"burst-{index}", channel)
+        for index in range(sockets):  # nobody reads meanwhile, as when the process is busy
+            await layer.group_send(f"burst-{index}", {"type": "event.forward", "event": {"n": index}})
+        receiving = [asyncio.ensure_future(layer.receive(channel)) for channel in channels]
+        done, dropped = await asyncio.wait(receiving, timeout=10)
+        for receive in dropped:
+            receive.cancel()
+        received = sorted(receive.result()["event"]["n"] for receive in done)
+        for index, channel in enumerate(channels):
+            await layer.group_discard(f"burst-{index}", channel)
+        return received
+
+    assert async_to_sync(scenario)() == list(range(sockets))
 
 
 def test_an_agent_sends_metrics_over_its_socket_and_gets_an_ack(federation, sites, alice):
