@@ -19,6 +19,7 @@ indices + float32 values, 5.6 MB each), N_k drawn from 50..500. Every figure is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -157,16 +158,7 @@ def tensors_of(base: torch.Tensor, updates: list[Update]) -> list[torch.Tensor]:
 
 def on_device(update: Update, device: torch.device) -> Update:
     indices = None if update.indices is None else update.indices.to(device)
-    return Update(
-        indices=indices,
-        values=update.values.to(device),
-        n_parameters=update.n_parameters,
-        n_iterations=update.n_iterations,
-        n_cases=update.n_cases,
-        mechanism=update.mechanism,
-        params=update.params,
-        encoding=update.encoding,
-    )
+    return dataclasses.replace(update, indices=indices, values=update.values.to(device))
 
 
 # --- measurements ---------------------------------------------------------------------------

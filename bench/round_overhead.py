@@ -60,14 +60,7 @@ MODELS = {
     "small": preset("cpu").to_dict(),
     "brats": preset("brats").to_dict(),
 }
-SVT_PARAMS = {
-    "fraction": 0.1,
-    "gamma": 0.01,
-    "tau": 0.001,
-    "eps_threshold": 0.1,
-    "eps_query": 0.4,
-    "eps_release": 0.5,
-}
+SVT_PARAMS = protocol.DEFAULT_SVT_PARAMS  # a federation's default; only its sizes matter here
 N_ITERATIONS = 2
 DISTINCT_UPDATES = 8  # agents share this many different update files; the bytes do not matter
 WAIT_SECONDS = 120.0
