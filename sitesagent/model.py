@@ -20,6 +20,19 @@ if TYPE_CHECKING:
 REGIONS = ("et", "tc", "wt")  # the model's output channels, in order
 
 
+def settings_from_dict(
+    cls: Any, data: Mapping[str, Any], *, what: str, error: type[Exception], tuples: tuple[str, ...]
+) -> Any:
+    """A settings dataclass from JSON: unknown names refused by ``error``, missing ones defaulted,
+    and the ``tuples`` fields, which JSON turns into lists, turned back into tuples."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(f"unknown {what} setting {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {name: tuple(v) if name in tuples and isinstance(v, list) else v for name, v in data.items()}
+    return cls(**values)
+
+
 class ModelConfigError(ValueError):
     """A model configuration that cannot build a network; the message names the field."""
 
@@ -75,17 +88,9 @@ class ModelConfig:
 
         Raises ModelConfigError naming any unknown or bad field.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelConfigError(
-                f"unknown model setting {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        values = dict(data)
-        for name in ("blocks_down", "blocks_up"):
-            if name in values and isinstance(values[name], list):
-                values[name] = tuple(values[name])
-        return cls(**values)
+        return settings_from_dict(
+            cls, data, what="model", error=ModelConfigError, tuples=("blocks_down", "blocks_up")
+        )
 
 
 def _is_positive_int(value: Any) -> bool:

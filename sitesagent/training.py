@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -32,6 +32,7 @@ from sitesagent.data import (
     train_transforms,
     val_transforms,
 )
+from sitesagent.model import settings_from_dict
 
 AMP_CHOICES = ("auto", True, False)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -105,16 +106,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Read settings from `to_dict`'s output; missing ones take the defaults."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(
-                f"unknown training setting {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        values = dict(data)
-        if isinstance(values.get("roi_size"), list):
-            values["roi_size"] = tuple(values["roi_size"])
-        return cls(**values)
+        return settings_from_dict(cls, data, what="training", error=TrainConfigError, tuples=("roi_size",))
 
 
 def _is_whole(value: Any) -> bool:
