@@ -1,7 +1,7 @@
 """The dashboard in headless Chromium, clicked through as people would.
 
-The app runs under daphne (``manage.py runserver``, which is daphne with static files) in its own
-process, on the test database and the same Redis channel layer as this process: so a live
+The app runs under daphne (``python -m coordinator.serve``; with DEBUG on, coordinator.asgi serves
+the static files) in its own process, on the test database and the same Redis channel layer as this process: so a live
 metric a test records here reaches the page through the real channel layer and the real
 websocket. Set SCREENSHOTS=1 to also refresh docs/screenshots/ with realistic data.
 

@@ -1,6 +1,7 @@
-"""Faults survived with real processes: agents killed mid-training or mid-upload, a worker
-killed mid-aggregation (tests/test_worker.py), Redis and the web process restarted mid-round,
-and a database error inside a state change. docs/reliability.md lists each with its outcome."""
+"""Faults survived with real processes: agents killed mid-training or mid-upload, Redis and the
+web process restarted mid-round. A worker killed mid-aggregation is in tests/test_worker.py, a
+database error inside a state change in tests/test_atomicity.py; docs/reliability.md lists each
+with its outcome."""
 
 from __future__ import annotations
 
