@@ -417,10 +417,16 @@ def _validate(
         raise UpdateRejected(f"the update is for {declared} parameters but the model has {n_parameters}")
     _check_counts(update)
     values = torch.as_tensor(update.values)
-    if mechanism == protocol.MECHANISM_NONE:
+    spec = protocol.mechanism_spec(mechanism)
+    if not spec.sparse:
         if update.indices is not None:
-            raise UpdateRejected("mechanism none shares the whole delta: the update must be dense")
+            raise UpdateRejected(f"mechanism {mechanism} shares the whole delta: the update must be dense")
         check_dense_layout(values, n_parameters)
+        if spec.during_training and update.n_iterations != round_params["steps"]:
+            raise UpdateRejected(
+                f"the update took {update.n_iterations} steps but the round's DP event is for "
+                f"{round_params['steps']}: a site may take exactly the steps it is accounted for"
+            )
     else:
         if update.indices is None:
             raise UpdateRejected(f"mechanism {mechanism} shares a subset: the update must be sparse")

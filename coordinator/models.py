@@ -45,10 +45,16 @@ class AppendOnlyModel(models.Model):
         raise TypeError(f"{type(self).__name__} is append-only: rows are never deleted")
 
 
+# The delta a new federation states its budgets at: below 1/N for any federation of fewer than
+# 100,000 patients, the usual rule for record-level DP.
+DEFAULT_BUDGET_DELTA = 1e-5
+
+
 class Mechanism(models.TextChoices):
-    NONE = protocol.MECHANISM_NONE, "None (full update, no protection)"
-    PARTIAL = protocol.MECHANISM_PARTIAL, "Partial sharing (no formal guarantee)"
-    SVT = protocol.MECHANISM_SVT, "Sparse vector technique (epsilon-DP)"
+    NONE = protocol.MECHANISM_NONE, protocol.MECHANISM_REGISTRY[protocol.MECHANISM_NONE].label
+    PARTIAL = protocol.MECHANISM_PARTIAL, protocol.MECHANISM_REGISTRY[protocol.MECHANISM_PARTIAL].label
+    SVT = protocol.MECHANISM_SVT, protocol.MECHANISM_REGISTRY[protocol.MECHANISM_SVT].label
+    DPSGD = protocol.MECHANISM_DPSGD, protocol.MECHANISM_REGISTRY[protocol.MECHANISM_DPSGD].label
 
 
 class AggregationRule(models.TextChoices):
@@ -65,8 +71,10 @@ class Federation(models.Model):
     model_seed = models.IntegerField(default=0)
     # Defaults a launch starts from.
     training_defaults = models.JSONField(default=dict)
-    default_mechanism = models.CharField(max_length=16, choices=Mechanism.choices, default=Mechanism.SVT)
+    default_mechanism = models.CharField(max_length=16, choices=Mechanism.choices, default=Mechanism.DPSGD)
     default_mechanism_params = models.JSONField(default=dict)
+    # The delta new memberships' budgets are stated at: each budget is (epsilon, delta).
+    budget_delta = models.FloatField(default=DEFAULT_BUDGET_DELTA)
     min_sites = models.PositiveIntegerField(default=1)
     round_deadline_seconds = models.PositiveIntegerField(default=3600)
     aggregation_rule = models.CharField(
@@ -123,11 +131,16 @@ class Site(models.Model):
 
 
 class Membership(models.Model):
-    """A site in a federation, with its privacy budget (total epsilon over all rounds)."""
+    """A site in a federation, with its privacy budget: epsilon over all rounds, at budget_delta.
+
+    The accountant (coordinator.accounting) composes the site's DP events at budget_delta; the
+    composed epsilon may never pass budget_epsilon. Delta 0 means pure DP (SVT rounds only).
+    """
 
     federation = models.ForeignKey(Federation, on_delete=models.PROTECT, related_name="memberships")
     site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="memberships")
     budget_epsilon = models.DecimalField(max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES)
+    budget_delta = models.FloatField(default=DEFAULT_BUDGET_DELTA)
     allows_unprotected_sharing = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -180,7 +193,11 @@ class Round(models.Model):
     # Frozen at launch: what the agents apply and what the ledger records.
     mechanism = models.CharField(max_length=16, choices=Mechanism.choices)
     mechanism_params = models.JSONField(default=dict)
-    # Null means "no formal guarantee" (none, partial sharing); never a made-up number.
+    # The DP event each site's part of the round is (protocol.round_event); null means "no formal
+    # guarantee" (none, partial sharing), never a made-up number.
+    dp_event = models.JSONField(null=True, blank=True)
+    # The round's own epsilon at the federation's budget delta, for people; the ledger composes
+    # dp_event at each membership's own delta.
     epsilon_per_site = models.DecimalField(
         max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES, null=True, blank=True
     )
@@ -267,12 +284,14 @@ class LedgerKind(models.TextChoices):
 
 
 class LedgerEntry(AppendOnlyModel):
-    """One privacy-budget event for one site. Balances are sums over these rows, never stored."""
+    """One privacy-budget event for one site. Balances are composed from these rows, never stored."""
 
     membership = models.ForeignKey(Membership, on_delete=models.PROTECT, related_name="ledger")
     round = models.ForeignKey(Round, on_delete=models.PROTECT, related_name="ledger")
     kind = models.CharField(max_length=8, choices=LedgerKind.choices)
-    # Null means "no formal guarantee": the round's mechanism adds no noise.
+    # The round's DP event, which the accountant composes; null means "no formal guarantee".
+    dp_event = models.JSONField(null=True, blank=True)
+    # That event's own epsilon at the membership's budget delta, for people reading the row.
     epsilon = models.DecimalField(
         max_digits=EPSILON_MAX_DIGITS, decimal_places=EPSILON_PLACES, null=True, blank=True
     )

@@ -1,18 +1,11 @@
-"""Reads that several views, the API and the services share. Balances come from the ledger."""
+"""Reads that several views, the API and the services share (balances: coordinator.accounting)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from decimal import Decimal
 from typing import Any
 
 from coordinator.models import (
     Federation,
-    LedgerEntry,
-    LedgerKind,
-    Membership,
     MetricPoint,
     Round,
     RoundState,
@@ -21,84 +14,6 @@ from coordinator.models import (
     Update,
 )
 from sitesagent import protocol
-
-ZERO = Decimal(0)
-
-
-@dataclass(frozen=True)
-class Balance:
-    budget: Decimal
-    committed: Decimal
-    reserved: Decimal
-    unprotected_rounds: int
-
-    @property
-    def remaining(self) -> Decimal:
-        return self.budget - self.committed - self.reserved
-
-    def as_dict(self) -> dict:
-        return {
-            "budget": str(self.budget),
-            "committed": str(self.committed),
-            "reserved": str(self.reserved),
-            "remaining": str(self.remaining),
-            "unprotected_rounds": self.unprotected_rounds,
-        }
-
-
-def apply_entry(balance: Balance, entry: LedgerEntry) -> Balance:
-    """The balance after one more ledger entry: each reservation is later committed or released."""
-    if entry.epsilon is None:
-        unprotected = balance.unprotected_rounds + (entry.kind == LedgerKind.COMMIT)
-        return replace(balance, unprotected_rounds=unprotected)
-    if entry.kind == LedgerKind.RESERVE:
-        return replace(balance, reserved=balance.reserved + entry.epsilon)
-    if entry.kind == LedgerKind.COMMIT:
-        return replace(
-            balance, reserved=balance.reserved - entry.epsilon, committed=balance.committed + entry.epsilon
-        )
-    return replace(balance, reserved=balance.reserved - entry.epsilon)
-
-
-def balance_from_entries(budget: Decimal, entries: Iterable[LedgerEntry]) -> Balance:
-    balance = Balance(budget, ZERO, ZERO, 0)
-    for entry in entries:
-        balance = apply_entry(balance, entry)
-    return balance
-
-
-def membership_balance(membership: Membership) -> Balance:
-    return balance_from_entries(membership.budget_epsilon, membership.ledger.all())
-
-
-def balances_for(memberships: Iterable[Membership]) -> dict[int, Balance]:
-    """Balances of several memberships in one ledger query, keyed by membership id."""
-    memberships = list(memberships)
-    entries: dict[int, list[LedgerEntry]] = defaultdict(list)
-    for entry in LedgerEntry.objects.filter(membership__in=memberships):
-        entries[entry.membership_id].append(entry)
-    return {m.pk: balance_from_entries(m.budget_epsilon, entries[m.pk]) for m in memberships}
-
-
-def ledger_with_balances(entries: Iterable[LedgerEntry], budgets: dict[int, Decimal]) -> list[dict]:
-    """Ledger rows in order, each with its membership's balance right after it.
-
-    ``budgets`` are the current budgets: the balance shows what remains under today's budget.
-    """
-    running: dict[int, Balance] = {}
-    rows = []
-    for entry in entries:
-        before = running.get(entry.membership_id) or Balance(budgets[entry.membership_id], ZERO, ZERO, 0)
-        running[entry.membership_id] = after = apply_entry(before, entry)
-        rows.append({"entry": entry, "balance": after})
-    return rows
-
-
-def open_reservations(round_: Round) -> list[LedgerEntry]:
-    """Reservations of ``round_`` that were neither committed nor released yet."""
-    entries = list(round_.ledger.all())
-    ended = {e.membership_id for e in entries if e.kind != LedgerKind.RESERVE}
-    return [e for e in entries if e.kind == LedgerKind.RESERVE and e.membership_id not in ended]
 
 
 def next_task_for(site_id: int) -> Task | None:

@@ -12,7 +12,6 @@ import math
 import secrets
 import time
 from datetime import timedelta
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from django.conf import settings
@@ -21,9 +20,19 @@ from django.db.models import Max
 from django.utils import timezone
 
 from coordinator import events, storage, weights
+from coordinator.accounting import (
+    RoundCost,
+    balances_for,
+    delta_from_input,
+    epsilon_from_input,
+    open_reservations,
+    participation_refusal,
+    round_cost,
+    show,
+)
 from coordinator.errors import Conflict, InvalidInput, LaunchRefused, NotAllowed, UpdateRejectedError
 from coordinator.models import (
-    EPSILON_QUANTUM,
+    DEFAULT_BUDGET_DELTA,
     AuditEvent,
     Federation,
     LedgerEntry,
@@ -41,41 +50,16 @@ from coordinator.models import (
     UpdateStatus,
     token_hash,
 )
-from coordinator.selectors import balances_for, open_reservations
 from sitesagent import protocol
 from sitesagent.model import preset
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MECHANISM_PARAMS = {
+    protocol.MECHANISM_SVT: protocol.DEFAULT_SVT_PARAMS,
+    protocol.MECHANISM_DPSGD: protocol.DEFAULT_DPSGD_PARAMS,
+}
 DEFAULT_TRAINING = {"local_epochs": 1, "max_iterations": 0, "batch_size": 1, "lr": 1e-4, "roi_size": 64}
-
-
-# ---------------------------------------------------------------------------------------------
-# Numbers from people
-
-
-def epsilon_from_input(name: str, value: Any, *, allow_zero: bool = False) -> Decimal:
-    """A budget or epsilon as an exact decimal, refusing negative, NaN, infinite or malformed values."""
-    try:
-        number = protocol.positive_finite(name, value, allow_zero=allow_zero)
-    except protocol.ProtocolError as error:
-        raise InvalidInput(str(error)) from None
-    try:
-        return Decimal(repr(number)).quantize(EPSILON_QUANTUM, rounding=ROUND_CEILING)
-    except InvalidOperation:
-        raise InvalidInput(f"{name} is too large: {value!r}") from None
-
-
-def round_cost(mechanism: str, params: dict[str, Any]) -> Decimal | None:
-    """The exact epsilon a round costs each site (None: no formal guarantee)."""
-    try:
-        cost = protocol.round_epsilon_exact(mechanism, params)
-    except protocol.ProtocolError as error:
-        raise InvalidInput(str(error)) from None
-    if cost is None:
-        return None
-    # Rounding up: the ledger may over-count a site's spend by 1e-12, never under-count it.
-    return cost.quantize(EPSILON_QUANTUM, rounding=ROUND_CEILING)
 
 
 def _audit(
@@ -112,8 +96,9 @@ def federation_create(
     model_seed: int = 0,
     min_sites: int = 1,
     round_deadline_seconds: int = 3600,
-    default_mechanism: str = protocol.MECHANISM_SVT,
+    default_mechanism: str = protocol.MECHANISM_DPSGD,
     default_mechanism_params: dict | None = None,
+    budget_delta: Any = DEFAULT_BUDGET_DELTA,
     training_defaults: dict | None = None,
     aggregation_rule: str = "mean",
     trim_fraction: float = 0.1,
@@ -132,9 +117,10 @@ def federation_create(
     mechanism_params = (
         default_mechanism_params
         if default_mechanism_params is not None
-        else dict(protocol.DEFAULT_SVT_PARAMS)
+        else dict(DEFAULT_MECHANISM_PARAMS.get(default_mechanism, {}))
     )
     round_cost(default_mechanism, mechanism_params)  # validates them
+    budget_delta = delta_from_input("budget_delta", budget_delta)
     model_config = dict(model_config if model_config is not None else preset("brats").to_dict())
     try:
         initial = weights.initial_weights(model_config, model_seed)
@@ -149,6 +135,7 @@ def federation_create(
             round_deadline_seconds=round_deadline_seconds,
             default_mechanism=default_mechanism,
             default_mechanism_params=mechanism_params,
+            budget_delta=budget_delta,
             training_defaults={**DEFAULT_TRAINING, **(training_defaults or {})},
             aggregation_rule=aggregation_rule,
             trim_fraction=trim_fraction,
@@ -264,9 +251,14 @@ def membership_add(
     allows_unprotected_sharing: bool = False,
     added_by,
     reason: str,
+    budget_delta: Any = None,
 ) -> Membership:
+    """Add a site with a budget of (budget, budget_delta); the delta defaults to the federation's."""
     reason = _require_reason(reason)
     budget_value = epsilon_from_input("budget", budget)
+    delta = (
+        federation.budget_delta if budget_delta is None else delta_from_input("budget_delta", budget_delta)
+    )
     with transaction.atomic():
         if Membership.objects.filter(federation=federation, site=site).exists():
             raise Conflict(f"{site} is already in {federation}")
@@ -274,6 +266,7 @@ def membership_add(
             federation=federation,
             site=site,
             budget_epsilon=budget_value,
+            budget_delta=delta,
             allows_unprotected_sharing=allows_unprotected_sharing,
         )
         _audit(
@@ -283,6 +276,7 @@ def membership_add(
             site=site,
             reason=reason,
             budget=str(budget_value),
+            delta=delta,
             allows_unprotected_sharing=allows_unprotected_sharing,
         )
     return membership
@@ -296,16 +290,21 @@ def budget_set(
     reason: str,
     allows_unprotected_sharing: bool | None = None,
 ) -> Membership:
-    """Change a site's budget (never below what it already committed), audited with a reason."""
+    """Change a site's budget, audited with a reason.
+
+    Never below what the site has committed and reserved: a reservation is a promise to a
+    running round, and its upload commits it whatever the budget says by then.
+    """
     reason = _require_reason(reason)
     new_budget = epsilon_from_input("budget", budget)
     with transaction.atomic():
         membership = Membership.objects.select_for_update().get(pk=membership.pk)
-        committed = balances_for([membership])[membership.pk].committed
-        if new_budget < committed:
+        balance = balances_for([membership])[membership.pk]
+        held = balance.committed + balance.reserved
+        if new_budget < held:
             raise InvalidInput(
-                f"budget {new_budget.normalize()} is below the {committed.normalize()} epsilon "
-                f"{membership.site} has already spent in {membership.federation}"
+                f"budget {show(new_budget)} is below the epsilon {show(held)} that {membership.site} has "
+                f"already spent or reserved in {membership.federation} (at delta {balance.delta:g})"
             )
         old_budget = membership.budget_epsilon
         membership.budget_epsilon = new_budget
@@ -357,20 +356,6 @@ def _training_params(federation: Federation, overrides: dict | None) -> dict:
     return params
 
 
-def _exclusion_reason(
-    membership: Membership | None, site: Site, cost: Decimal | None, remaining: Decimal | None, mechanism: str
-) -> str | None:
-    if membership is None:
-        return f"{site} is not a member of this federation"
-    if site.is_revoked:
-        return f"{site}'s token is revoked"
-    if cost is None and not membership.allows_unprotected_sharing:
-        return f"{site} does not allow unprotected sharing ({mechanism} has no formal guarantee)"
-    if cost is not None and remaining is not None and remaining < cost:
-        return f"{site} has {remaining.normalize()} epsilon left, this round costs {cost.normalize()}"
-    return None
-
-
 def round_launch(
     *,
     federation: Federation,
@@ -391,7 +376,6 @@ def round_launch(
     mechanism = mechanism or federation.default_mechanism
     params = mechanism_params if mechanism_params is not None else federation.default_mechanism_params
     cost = round_cost(mechanism, params)
-    clean_params = protocol.validate_mechanism(mechanism, params)
     training = _training_params(federation, training_params)
     deadline_seconds = deadline_seconds or federation.round_deadline_seconds
     if deadline_seconds < 1:
@@ -415,15 +399,15 @@ def round_launch(
             site = membership.site if membership else Site.objects.filter(pk=site_id).first()
             if site is None:
                 raise InvalidInput(f"there is no site with id {site_id}")
-            remaining = balances[membership.pk].remaining if membership else None
-            reason = _exclusion_reason(membership, site, cost, remaining, mechanism)
+            balance = balances[membership.pk] if membership else None
+            reason = participation_refusal(membership, site, cost, balance)
             if reason:
                 excluded.append(
                     {
                         "site": site.pk,
                         "name": site.name,
                         "reason": reason,
-                        "remaining": str(remaining) if remaining is not None else None,
+                        "remaining": str(balance.remaining) if balance is not None else None,
                     }
                 )
             else:
@@ -444,8 +428,9 @@ def round_launch(
             number=number,
             base_version=base,
             mechanism=mechanism,
-            mechanism_params=clean_params,
-            epsilon_per_site=cost,
+            mechanism_params=cost.params,
+            dp_event=cost.event,
+            epsilon_per_site=cost.epsilon_at(federation.budget_delta),
             training_params=training,
             min_sites=min_sites,
             deadline=timezone.now() + timedelta(seconds=deadline_seconds),
@@ -454,15 +439,8 @@ def round_launch(
         )
         for membership in included:
             Task.objects.create(round=round_, site=membership.site)
-            LedgerEntry.objects.create(
-                membership=membership,
-                round=round_,
-                kind=LedgerKind.RESERVE,
-                epsilon=cost,
-                mechanism=mechanism,
-                mechanism_params=clean_params,
-                actor=launched_by,
-                reason=f"round {number} launched",
+            _ledger_append(
+                membership, round_, LedgerKind.RESERVE, actor=launched_by, reason=f"round {number} launched"
             )
         _audit(
             "round.launched",
@@ -470,8 +448,10 @@ def round_launch(
             federation=federation,
             round_=round_,
             mechanism=mechanism,
-            params=clean_params,
-            epsilon=str(cost) if cost is not None else None,
+            params=cost.params,
+            dp_event=cost.event,
+            epsilon=str(round_.epsilon_per_site) if cost.has_guarantee else None,
+            delta=federation.budget_delta,
             sites=[m.site.name for m in included],
             excluded=excluded,
         )
@@ -516,19 +496,28 @@ def _send_task_event(task: Task) -> None:
     )
 
 
+def _ledger_append(
+    membership: Membership, round_: Round, kind: LedgerKind, **who_and_why: Any
+) -> LedgerEntry:
+    """One ledger row for ``round_``'s DP event, with that event's own epsilon at the budget's delta."""
+    cost = RoundCost(round_.mechanism, round_.mechanism_params, round_.dp_event)
+    return LedgerEntry.objects.create(
+        membership=membership,
+        round=round_,
+        kind=kind,
+        dp_event=round_.dp_event,
+        epsilon=cost.epsilon_at(membership.budget_delta),
+        mechanism=round_.mechanism,
+        mechanism_params=round_.mechanism_params,
+        **who_and_why,
+    )
+
+
 def _release_open_reservations(round_: Round, *, reason: str, site_ids: set[int] | None = None) -> None:
     for reservation in open_reservations(round_):
         if site_ids is not None and reservation.membership.site_id not in site_ids:
             continue
-        LedgerEntry.objects.create(
-            membership_id=reservation.membership_id,
-            round=round_,
-            kind=LedgerKind.RELEASE,
-            epsilon=reservation.epsilon,
-            mechanism=reservation.mechanism,
-            mechanism_params=reservation.mechanism_params,
-            reason=reason,
-        )
+        _ledger_append(reservation.membership, round_, LedgerKind.RELEASE, reason=reason)
 
 
 def _round_finish(round_: Round, *, state: RoundState, reason: str = "") -> None:
@@ -727,7 +716,14 @@ def update_accept(*, task: Task, data: bytes) -> Update:
     existing = Update.objects.filter(task=task).first()
     if existing is not None:
         return _retried_upload(existing, digest)
-    _check_takes_update(task)  # before decoding or storing anything
+    try:
+        _check_takes_update(task)  # before decoding or storing anything
+    except Conflict as closed:
+        if _charge_late_upload(task, data):
+            raise Conflict(
+                f"{closed.message}; its epsilon is committed all the same: its values left the site"
+            ) from None
+        raise
     try:
         decoded = decode_update(data, max_bytes=settings.MAX_UPDATE_BYTES)
     except UpdateError as error:
@@ -766,7 +762,7 @@ def update_accept(*, task: Task, data: bytes) -> Update:
             status=UpdateStatus.REJECTED if rejection else UpdateStatus.ACCEPTED,
             rejection_reason=rejection or "",
         )
-        _commit_reservation(task, reason="update rejected: " + rejection if rejection else "update accepted")
+        _commit_spend(task, reason="update rejected: " + rejection if rejection else "update accepted")
         task.state = TaskState.DROPPED if rejection else TaskState.UPLOADED
         task.progress = 1.0
         task.reason = f"update rejected: {rejection}" if rejection else ""
@@ -817,27 +813,43 @@ def _retried_upload(existing: Update, digest: str) -> Update:
     return existing
 
 
-def _commit_reservation(task: Task, *, reason: str) -> None:
-    reservation = LedgerEntry.objects.filter(
-        round=task.round, membership__site=task.site, kind=LedgerKind.RESERVE
-    ).first()
-    if reservation is None:
-        raise Conflict("this task holds no reservation")
+def _commit_spend(task: Task, *, reason: str) -> None:
+    """Commit the round's DP event for the task's site, once, whether or not a reservation is
+    still open: whatever left the site is spent (a late upload included)."""
+    membership = Membership.objects.get(federation_id=task.round.federation_id, site_id=task.site_id)
+    if task.round.ledger.filter(membership=membership, kind=LedgerKind.COMMIT).exists():
+        return
     try:
         with transaction.atomic():
-            LedgerEntry.objects.create(
-                membership_id=reservation.membership_id,
-                round=task.round,
-                kind=LedgerKind.COMMIT,
-                epsilon=reservation.epsilon,
-                mechanism=reservation.mechanism,
-                mechanism_params=reservation.mechanism_params,
-                actor_site=task.site,
-                reason=reason,
-            )
+            _ledger_append(membership, task.round, LedgerKind.COMMIT, actor_site=task.site, reason=reason)
     except IntegrityError:
-        # The unique (membership, round, kind) constraint: it was committed already.
-        pass
+        pass  # the unique (membership, round, kind) constraint: committed by a concurrent upload
+
+
+def _charge_late_upload(task: Task, data: bytes) -> bool:
+    """An update that arrives after its task closed is not used, but its values left the site:
+    when it is an update for this round at all, the site's spend is committed all the same
+    (the agent counts it too), and the refusal says so."""
+    from sitesagent.updates import UpdateError, decode_update
+
+    try:
+        decoded = decode_update(data, max_bytes=settings.MAX_UPDATE_BYTES)
+    except UpdateError:
+        return False  # not an update: nothing was released
+    if decoded.mechanism != task.round.mechanism:
+        return False
+    with transaction.atomic():
+        task = Task.objects.select_for_update().select_related("round", "site").get(pk=task.pk)
+        _commit_spend(task, reason="late upload: not used, but its values left the site")
+        _audit(
+            "update.late",
+            actor_site=task.site,
+            federation=task.round.federation,
+            site=task.site,
+            round_=task.round,
+            reason=f"task {task.state}, round {task.round.state}",
+        )
+    return True
 
 
 def metrics_record(*, task: Task, points: Any) -> int:

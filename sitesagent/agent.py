@@ -8,7 +8,9 @@ One task, start to finish (DESIGN section 5):
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ class AgentConfig:
     data: Path
     device: str = "auto"
     max_epsilon: float | None = None
+    delta: float = 1e-5  # the delta the site's cap is stated at
     allow_unprotected: bool = False
     state_file: Path | None = None
     poll_seconds: float = 10.0
@@ -65,12 +68,12 @@ class Agent:
                 return 0
             while True:
                 task = self.client.next_task()
-                if task is None:
+                outcome = "idle" if task is None else self.run_task(task)
+                if outcome in ("idle", "refused", "already released"):
+                    # Nothing to do, or a task this site will not (re)run: wait before asking again.
                     self.channel.task_waiting.wait(timeout=self.config.poll_seconds)
                     self.channel.task_waiting.clear()
-                    continue
-                self.run_task(task)
-                if once:
+                if once and outcome != "idle":
                     return 0
         except KeyboardInterrupt:
             log.info("stopped; an unfinished task resumes when the agent starts again")
@@ -90,9 +93,13 @@ class Agent:
 
     def run_task(self, task: dict[str, Any]) -> str:
         task_id = task["task"]
-        epsilon = float(task["epsilon"]) if task["epsilon"] is not None else None
+        if self.state.task(task_id).get("status") == "uploaded":
+            # An update for this task already left: training it again would release more than the
+            # one round the coordinator accounts for, whatever it says.
+            log.warning("task %s was offered again, but this site already released its update", task_id)
+            return "already released"
         try:
-            self._check_site_rules(task, epsilon)
+            event = self._check_site_rules(task)
         except TaskRefused as refusal:
             log.warning("refusing task %s: %s", task_id, refusal)
             self.state.record_refused(task_id, str(refusal))
@@ -111,7 +118,7 @@ class Agent:
                 return "failed"
             update_file.parent.mkdir(parents=True, exist_ok=True)
             update_file.write_bytes(data)
-            self.state.record_pending_upload(task_id, epsilon=epsilon, update_file=update_file)
+            self.state.record_pending_upload(task_id, event=event, update_file=update_file)
         return self._upload(task_id, update_file)
 
     def _drop(self, task_id: int, reason: str) -> None:
@@ -120,18 +127,56 @@ class Agent:
         except CoordinatorError as error:
             log.warning("could not report task %s as dropped: %s", task_id, error.message)
 
-    def _check_site_rules(self, task: dict[str, Any], epsilon: float | None) -> None:
-        if task["mechanism"] in protocol.UNPROTECTED_MECHANISMS and not self.config.allow_unprotected:
+    def _check_site_rules(self, task: dict[str, Any]) -> dict[str, Any] | None:
+        """The task's DP event as this site computes it, or TaskRefused saying why it will not run.
+
+        The cost comes from the mechanism and parameters the agent will apply, never from the
+        figure the coordinator states; a stated cost that disagrees, or none for a protected
+        mechanism, is itself a reason to refuse.
+        """
+        mechanism, params = task.get("mechanism"), task.get("mechanism_params")
+        try:
+            spec = protocol.mechanism_spec(mechanism)
+            event = protocol.round_event(mechanism, params or {})
+        except protocol.ProtocolError as error:
+            raise TaskRefused(f"the round's mechanism cannot be applied: {error}") from None
+        if not spec.has_guarantee and not self.config.allow_unprotected:
             raise TaskRefused(
-                f"the round uses {task['mechanism']!r}, which has no formal privacy guarantee, and this "
+                f"the round uses {mechanism!r}, which has no formal privacy guarantee, and this "
                 "site does not allow unprotected sharing (--allow-unprotected)"
             )
+        if event is not None:
+            self._check_stated_cost(task, event)
         if self.state.task(task["task"]).get("status") == "pending_upload":
-            return  # already counted
+            return event  # already counted
         try:
-            self.state.check_cap(epsilon, self.config.max_epsilon)
+            self.state.check_cap(event, self.config.max_epsilon, self.config.delta)
         except LocalCapExceeded as error:
             raise TaskRefused(str(error)) from None
+        return event
+
+    @staticmethod
+    def _check_stated_cost(task: dict[str, Any], event: dict[str, Any]) -> None:
+        from sitesagent.accountant import event_epsilon
+
+        if task.get("dp_event") is None or task.get("epsilon") is None:
+            raise TaskRefused(f"the coordinator states no cost for a round of {task['mechanism']!r}")
+        if task["dp_event"] != event:
+            raise TaskRefused(
+                f"the coordinator states the DP event {task['dp_event']} but the round's parameters "
+                f"make it {event}"
+            )
+        try:
+            stated = protocol.positive_finite("the stated epsilon", task["epsilon"])
+            delta = protocol.positive_finite("the stated delta", task.get("delta"), allow_zero=True)
+            own = event_epsilon(event, delta)
+        except protocol.ProtocolError as error:
+            raise TaskRefused(str(error)) from None
+        if not math.isclose(stated, own, rel_tol=1e-4, abs_tol=1e-9):
+            raise TaskRefused(
+                f"the coordinator states epsilon {stated:g} at delta {delta:g} for this round, but "
+                f"its parameters cost {own:.6g}"
+            )
 
     def _update_file(self, task_id: int) -> Path:
         return self.state.path.parent / ".sitesagent-updates" / f"task-{task_id}.safetensors"
@@ -171,7 +216,8 @@ class Agent:
             "validation_cases": len(self._dataset["val"]),
             "data_check": check.to_dict(),
             "max_epsilon": self.config.max_epsilon,
-            "spent_epsilon": self.state.spent_epsilon,
+            "delta": self.config.delta,
+            "spent_epsilon": self.state.spent(self.config.delta),
             "allows_unprotected": self.config.allow_unprotected,
         }
 
@@ -199,7 +245,7 @@ class Agent:
 
         self.client.report(task_id, protocol.TASK_TRAINING, progress=0.0)
         hooks = _StreamingHooks(self, task_id)
-        result = train(model, self._dataset["train"], config, hooks=hooks)
+        result = train(model, self._dataset["train"], config, hooks=hooks, dp=_dp_training(task))
         hooks.close()
 
         base_flat = state_to_flat(base_state)
@@ -219,19 +265,21 @@ class Agent:
         )
 
     def _protect(self, task: dict[str, Any], per_step_delta):
-        """Apply the round's mechanism to the per-step delta (DESIGN section 6)."""
+        """Apply the round's mechanism to the per-step delta (DESIGN section 6): the release
+        function its registry entry names, with fresh OS entropy when it draws noise."""
+        import importlib
+
         import torch
 
-        from sitesagent.privacy import partial_share, svt
-
-        mechanism, params = task["mechanism"], task["mechanism_params"]
-        if mechanism == protocol.MECHANISM_NONE:
-            return None, per_step_delta
-        if mechanism == protocol.MECHANISM_PARTIAL:
-            return partial_share(per_step_delta, **params)
-        generator = torch.Generator(device=per_step_delta.device)
-        generator.seed()  # fresh OS entropy: privacy noise must never be reproducible by others
-        return svt(per_step_delta, **params, generator=generator)
+        spec = protocol.mechanism_spec(task["mechanism"])
+        module, name = spec.apply.split(":")
+        release = getattr(importlib.import_module(module), name)
+        params = {} if spec.during_training else dict(task["mechanism_params"])
+        if "generator" in inspect.signature(release).parameters:
+            generator = torch.Generator(device=per_step_delta.device)
+            generator.seed()  # fresh OS entropy: privacy noise must never be reproducible by others
+            params["generator"] = generator
+        return release(per_step_delta, **params)
 
     def _train_config(self, task: dict[str, Any]):
         from sitesagent.training import TrainConfig
@@ -248,6 +296,16 @@ class Agent:
             seed=self.config.seed + int(task["round_number"]),
             device=self.config.device,
         )
+
+
+def _dp_training(task: dict[str, Any]):
+    """DP-SGD's settings when the round's mechanism works while training, else None."""
+    spec = protocol.mechanism_spec(task["mechanism"])
+    if not spec.during_training:
+        return None
+    from sitesagent.dpsgd import DpSgdConfig
+
+    return DpSgdConfig(**protocol.validate_mechanism(spec.name, task["mechanism_params"]))
 
 
 class _StreamingHooks:

@@ -21,6 +21,18 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _delta(text: str) -> float:
+    from sitesagent.protocol import ProtocolError, positive_finite
+
+    try:
+        delta = positive_finite("--delta", text, allow_zero=True)
+    except ProtocolError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if delta >= 1:
+        raise argparse.ArgumentTypeError(f"--delta must be below 1, not {delta}")
+    return delta
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sitesagent",
@@ -56,7 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epsilon",
         type=_positive_float,
         default=None,
-        help="this site's own epsilon limit over all tasks; the coordinator cannot override it",
+        help=(
+            "this site's own epsilon limit over all tasks, at --delta; the agent computes each task's "
+            "cost itself, so the coordinator cannot override it"
+        ),
+    )
+    run.add_argument(
+        "--delta",
+        type=_delta,
+        default=1e-5,
+        help="the delta the --max-epsilon limit is stated at (default 1e-5; 0 allows pure-DP rounds only)",
     )
     run.add_argument(
         "--allow-unprotected",
@@ -120,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         data=args.data,
         device=args.device,
         max_epsilon=args.max_epsilon,
+        delta=args.delta,
         allow_unprotected=args.allow_unprotected,
         state_file=args.state_file,
         poll_seconds=args.poll_seconds,

@@ -161,6 +161,15 @@ def partial_share(delta: torch.Tensor, *, fraction: float, gamma: float) -> tupl
     return largest, _clipped(delta, largest, params["gamma"])
 
 
+def release_dense(delta: torch.Tensor) -> tuple[None, torch.Tensor]:
+    """Release the whole per-step delta as it is: ``(None, delta)``, a dense update.
+
+    For "none" this is no protection at all. For DP-SGD it is post-processing: the noise was
+    added to every step's gradients while training, so the delta is already private.
+    """
+    return None, _checked_delta(delta)
+
+
 def _checked_delta(delta: torch.Tensor) -> torch.Tensor:
     """The delta, detached from autograd, or a ProtocolError saying why it cannot be used."""
     if not isinstance(delta, torch.Tensor):

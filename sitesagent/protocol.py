@@ -7,25 +7,27 @@ names on the wire and the epsilon a round costs can never drift apart between th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-# Privacy mechanisms (DESIGN section 6).
+# Privacy mechanisms (DESIGN section 6). Everything about a mechanism that both sides need is in
+# its `MechanismSpec` in MECHANISM_REGISTRY below: its parameters and their rules, its DP event
+# (what it costs), its guarantee in words, and where the agent's code for it lives.
 MECHANISM_NONE = "none"
 MECHANISM_PARTIAL = "partial"
 MECHANISM_SVT = "svt"
-MECHANISMS = (MECHANISM_NONE, MECHANISM_PARTIAL, MECHANISM_SVT)
-UNPROTECTED_MECHANISMS = (MECHANISM_NONE, MECHANISM_PARTIAL)
+MECHANISM_DPSGD = "dpsgd"
 
-# The parameters each mechanism takes, and which must be strictly positive.
-MECHANISM_PARAMS: dict[str, tuple[str, ...]] = {
-    MECHANISM_NONE: (),
-    MECHANISM_PARTIAL: ("fraction", "gamma"),
-    MECHANISM_SVT: ("fraction", "gamma", "tau", "eps_threshold", "eps_query", "eps_release"),
-}
 SVT_EPSILON_PARTS = ("eps_threshold", "eps_query", "eps_release")
-_POSITIVE = {"fraction", "gamma", *SVT_EPSILON_PARTS}
+
+# DP events, as plain data (see sitesagent.accountant, which composes them with dp-accounting):
+# - {"kind": "pure", "epsilon": e}: an e-DP mechanism (delta 0), such as one SVT release;
+# - {"kind": "poisson_gaussian", "sample_rate": q, "noise_multiplier": sigma, "steps": T}: T steps
+#   of the sampled Gaussian mechanism (DP-SGD with Poisson sampling at rate q, noise sigma * C).
+EVENT_PURE = "pure"
+EVENT_POISSON_GAUSSIAN = "poisson_gaussian"
 
 # The coordinator's default SVT parameters when a federation sets none: a round costs epsilon 1.
 DEFAULT_SVT_PARAMS: dict[str, float] = {
@@ -35,6 +37,114 @@ DEFAULT_SVT_PARAMS: dict[str, float] = {
     "eps_threshold": 0.01,
     "eps_query": 0.49,
     "eps_release": 0.5,
+}
+
+# The default DP-SGD parameters: noise sigma = 1 on per-case gradients clipped to norm 1, each
+# case in a step with probability 0.25, 8 steps a round (about epsilon 1 per round at delta 1e-5).
+DEFAULT_DPSGD_PARAMS: dict[str, float] = {
+    "noise_multiplier": 1.0,
+    "max_grad_norm": 1.0,
+    "sample_rate": 0.25,
+    "steps": 8,
+    "crops_per_case": 1,
+}
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """One privacy mechanism, as both sides know it."""
+
+    name: str
+    label: str
+    guarantee: str  # what the guarantee covers, in words for the pages; "" for none
+    params: tuple[str, ...]
+    positive: frozenset[str] = frozenset()  # parameters that must be > 0 (the rest >= 0)
+    whole: frozenset[str] = frozenset()  # parameters that must be whole numbers
+    at_most_one: frozenset[str] = frozenset()  # parameters in (0, 1]
+    # The round's DP event for a site, from validated parameters; None: no formal guarantee.
+    event: Callable[[Mapping[str, float]], dict[str, Any] | None] = lambda params: None
+    # The mechanism works while training (DP-SGD), not on the finished delta.
+    during_training: bool = False
+    # The agent's release function, "module:function" (imported only on the agent).
+    apply: str = ""
+    sparse: bool = False  # updates carry indices (a subset of the coordinates)
+
+    @property
+    def has_guarantee(self) -> bool:
+        return bool(self.guarantee)
+
+
+def _svt_event(params: Mapping[str, float]) -> dict[str, Any]:
+    epsilon = sum((Decimal(repr(float(params[name]))) for name in SVT_EPSILON_PARTS), Decimal(0))
+    return {"kind": EVENT_PURE, "epsilon": float(epsilon)}
+
+
+def _dpsgd_event(params: Mapping[str, float]) -> dict[str, Any]:
+    return {
+        "kind": EVENT_POISSON_GAUSSIAN,
+        "sample_rate": float(params["sample_rate"]),
+        "noise_multiplier": float(params["noise_multiplier"]),
+        "steps": int(params["steps"]),
+    }
+
+
+MECHANISM_REGISTRY: dict[str, MechanismSpec] = {
+    spec.name: spec
+    for spec in (
+        MechanismSpec(
+            name=MECHANISM_NONE,
+            label="None (full update, no protection)",
+            guarantee="",
+            params=(),
+            apply="sitesagent.privacy:release_dense",
+        ),
+        MechanismSpec(
+            name=MECHANISM_PARTIAL,
+            label="Partial sharing (no formal guarantee)",
+            guarantee="",
+            params=("fraction", "gamma"),
+            positive=frozenset({"fraction", "gamma"}),
+            at_most_one=frozenset({"fraction"}),
+            apply="sitesagent.privacy:partial_share",
+            sparse=True,
+        ),
+        MechanismSpec(
+            name=MECHANISM_SVT,
+            label="Sparse vector technique (local DP of each site's update)",
+            guarantee=(
+                "local DP of each site's update: pure epsilon-DP between any two updates the site "
+                "could send, whoever's data produced them"
+            ),
+            params=("fraction", "gamma", "tau", "eps_threshold", "eps_query", "eps_release"),
+            positive=frozenset({"fraction", "gamma", *SVT_EPSILON_PARTS}),
+            at_most_one=frozenset({"fraction"}),
+            event=_svt_event,
+            apply="sitesagent.privacy:svt",
+            sparse=True,
+        ),
+        MechanismSpec(
+            name=MECHANISM_DPSGD,
+            label="DP-SGD (patient-level DP)",
+            guarantee=(
+                "patient-level (epsilon, delta)-DP: whether any one case (patient) was in the site's "
+                "training data changes what the update can show by at most the stated epsilon and delta"
+            ),
+            params=("noise_multiplier", "max_grad_norm", "sample_rate", "steps", "crops_per_case"),
+            positive=frozenset(
+                {"noise_multiplier", "max_grad_norm", "sample_rate", "steps", "crops_per_case"}
+            ),
+            whole=frozenset({"steps", "crops_per_case"}),
+            at_most_one=frozenset({"sample_rate"}),
+            event=_dpsgd_event,
+            during_training=True,
+            apply="sitesagent.privacy:release_dense",
+        ),
+    )
+}
+MECHANISMS = tuple(MECHANISM_REGISTRY)
+UNPROTECTED_MECHANISMS = tuple(name for name, spec in MECHANISM_REGISTRY.items() if not spec.has_guarantee)
+MECHANISM_PARAMS: dict[str, tuple[str, ...]] = {
+    name: spec.params for name, spec in MECHANISM_REGISTRY.items()
 }
 
 # Task states, in the order an agent moves through them (DESIGN section 5).
@@ -61,6 +171,8 @@ METRIC_DICE = ("dice_et", "dice_wt", "dice_tc", "dice_mean")
 METRIC_POINTS_PER_MESSAGE = 1000
 
 SITE_TOKEN_PREFIX = "site_"
+# The largest whole-number parameter (steps, crops): anything near it is a mistake, not a plan.
+MAX_WHOLE = 1_000_000
 USER_TOKEN_PREFIX = "user_"
 
 
@@ -86,37 +198,58 @@ def positive_finite(name: str, value: Any, *, allow_zero: bool = False) -> float
     return number
 
 
-def validate_mechanism(mechanism: str, params: Mapping[str, Any]) -> dict[str, float]:
-    """Check a mechanism's parameters and return them as floats, in a canonical dict.
-
-    Raises ProtocolError naming the first bad or missing parameter.
-    """
-    if mechanism not in MECHANISM_PARAMS:
+def mechanism_spec(mechanism: Any) -> MechanismSpec:
+    """The registry entry of ``mechanism``, or a ProtocolError naming the known ones."""
+    spec = MECHANISM_REGISTRY.get(mechanism) if isinstance(mechanism, str) else None
+    if spec is None:
         raise ProtocolError(f"mechanism must be one of {', '.join(MECHANISMS)}, not {mechanism!r}")
-    expected = MECHANISM_PARAMS[mechanism]
-    unknown = sorted(set(params) - set(expected))
+    return spec
+
+
+def validate_mechanism(mechanism: str, params: Mapping[str, Any]) -> dict[str, float]:
+    """Check a mechanism's parameters and return them as numbers, in a canonical dict.
+
+    Whole-number parameters come back as ints, the others as floats. Raises ProtocolError naming
+    the first bad or missing parameter.
+    """
+    spec = mechanism_spec(mechanism)
+    if not isinstance(params, Mapping):
+        raise ProtocolError(f"{mechanism} parameters must be an object, not {type(params).__name__}")
+    unknown = sorted(set(params) - set(spec.params))
     if unknown:
-        raise ProtocolError(f"{mechanism} takes no parameter {', '.join(unknown)}")
-    clean: dict[str, float] = {}
-    for name in expected:
+        raise ProtocolError(f"{mechanism} takes no parameter {', '.join(map(str, unknown))}")
+    clean: dict[str, Any] = {}
+    for name in spec.params:
         if name not in params:
             raise ProtocolError(f"{mechanism} needs the parameter {name}")
-        clean[name] = positive_finite(name, params[name], allow_zero=name not in _POSITIVE)
-    if "fraction" in clean and clean["fraction"] > 1:
-        raise ProtocolError(f"fraction must be at most 1, not {clean['fraction']}")
+        number = positive_finite(name, params[name], allow_zero=name not in spec.positive)
+        if name in spec.whole:
+            if number != int(number) or number > MAX_WHOLE:
+                raise ProtocolError(f"{name} must be a whole number up to {MAX_WHOLE}, not {params[name]!r}")
+            number = int(number)
+        if name in spec.at_most_one and number > 1:
+            raise ProtocolError(f"{name} must be at most 1, not {number}")
+        clean[name] = number
     return clean
 
 
+def round_event(mechanism: str, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The DP event one round of ``mechanism`` is for each site taking part; None: no guarantee.
+
+    Both sides derive it from the round's parameters alone: the coordinator to reserve and
+    account for it, the agent to check its own cap against what it will really apply.
+    """
+    spec = mechanism_spec(mechanism)
+    return spec.event(validate_mechanism(mechanism, params))
+
+
 def round_epsilon_exact(mechanism: str, params: Mapping[str, Any]) -> Decimal | None:
-    """The epsilon one round of ``mechanism`` costs a site, or None for "no formal guarantee".
+    """The pure epsilon of one round of ``mechanism``, when it is pure DP; else None.
 
     SVT (Lyu, Su and Li 2017, Alg. 1) is pure epsilon-DP with
-    epsilon = eps_threshold + eps_query + eps_release; basic sequential composition then
-    makes a site's spend the plain sum over its rounds. "none" and partial sharing add no
-    noise, so they have no finite epsilon at all: None, never a number.
-
-    The sum is taken in decimal over the parameters as written (0.05 + 0.15 + 0.1 is 0.3, not
-    0.30000000000000004), so the ledger adds up exactly what people set.
+    epsilon = eps_threshold + eps_query + eps_release, summed in decimal over the parameters as
+    written (0.05 + 0.15 + 0.1 is 0.3, not 0.30000000000000004). DP-SGD's cost depends on delta
+    (sitesagent.accountant), and "none" and partial sharing have no finite epsilon at all.
     """
     clean = validate_mechanism(mechanism, params)
     if mechanism != MECHANISM_SVT:

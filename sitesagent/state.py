@@ -1,7 +1,7 @@
-"""The agent's own memory, in one JSON file next to its data: what it spent and what it uploaded.
+"""The agent's own memory, in one JSON file: what it released (its DP events) and what it uploaded.
 
 The site's local epsilon cap is enforced against this file, not against anything the
-coordinator says, so a coordinator can never talk a site past its own limit. Spend is written
+coordinator says, so a coordinator can never talk a site past its own limit. A release is written
 down *before* an update leaves the machine, and the encoded update is kept until the upload
 is acknowledged: after a crash the agent re-sends the same bytes (the coordinator recognises
 them and commits nothing twice) instead of training again and sending a second update.
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sitesagent import accountant
+
 
 class LocalCapExceeded(Exception):
     """A task would take this site past its own epsilon limit."""
@@ -23,8 +25,14 @@ class LocalCapExceeded(Exception):
 
 @dataclass
 class AgentState:
+    """What this site has released (one DP event per update sent) and where each task stands.
+
+    Spend is never a number taken from anyone: it is the accountant's epsilon over ``releases``
+    (sitesagent.accountant), the same figure the coordinator's ledger composes.
+    """
+
     path: Path
-    spent_epsilon: float = 0.0
+    releases: list[dict[str, Any]] = field(default_factory=list)  # {"task": id, "event": {...} | None}
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -33,7 +41,15 @@ class AgentState:
             return cls(path=path)
         try:
             raw = json.loads(path.read_text())
-            return cls(path=path, spent_epsilon=float(raw["spent_epsilon"]), tasks=dict(raw["tasks"]))
+            state = cls(path=path, releases=list(raw.get("releases", [])), tasks=dict(raw["tasks"]))
+            if "spent_epsilon" in raw and float(raw["spent_epsilon"]) > 0:
+                # A state file from before events were kept: its total, as one pure release, is an
+                # upper bound on what the releases it summed compose to.
+                state.releases.insert(
+                    0, {"task": None, "event": {"kind": "pure", "epsilon": float(raw["spent_epsilon"])}}
+                )
+            state.events()  # every recorded event must be one the accountant can read
+            return state
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise SystemExit(
                 f"the agent's state file {path} is unreadable ({error}); it records the epsilon this site "
@@ -44,13 +60,24 @@ class AgentState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
         with os.fdopen(fd, "w") as handle:
-            json.dump({"spent_epsilon": self.spent_epsilon, "tasks": self.tasks}, handle, indent=2)
+            json.dump({"releases": self.releases, "tasks": self.tasks}, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, self.path)
 
     def task(self, task_id: int) -> dict[str, Any]:
         return self.tasks.get(str(task_id), {})
+
+    def has_released(self, task_id: int) -> bool:
+        """Whether an update for this task has left (or may have left) the site."""
+        return self.task(task_id).get("status") in ("pending_upload", "uploaded")
+
+    def events(self) -> list[accountant.DpEvent]:
+        return accountant.events_from(r["event"] for r in self.releases if r.get("event") is not None)
+
+    def spent(self, delta: float) -> float:
+        """The accountant's epsilon at ``delta`` over everything this site released."""
+        return accountant.composed_epsilon(self.events(), delta)
 
     def pending_uploads(self) -> list[tuple[int, Path]]:
         """Updates whose spend is counted but whose upload was never acknowledged."""
@@ -60,23 +87,27 @@ class AgentState:
             if entry.get("status") == "pending_upload" and Path(entry.get("update_file", "")).is_file()
         ]
 
-    def check_cap(self, epsilon: float | None, max_epsilon: float | None) -> None:
-        if epsilon is None or max_epsilon is None:
-            return
-        if self.spent_epsilon + epsilon > max_epsilon + 1e-12:
+    def check_cap(
+        self, event: dict[str, Any] | None, max_epsilon: float | None, delta: float
+    ) -> float | None:
+        """The epsilon at ``delta`` after releasing ``event``; LocalCapExceeded past ``max_epsilon``."""
+        if event is None:
+            return None
+        after = accountant.composed_epsilon([*self.events(), accountant.DpEvent.from_dict(event)], delta)
+        if max_epsilon is not None and after > max_epsilon * (1 + 1e-12):
             raise LocalCapExceeded(
-                f"this task costs {epsilon:g} epsilon and the site has spent {self.spent_epsilon:g} "
-                f"of its local limit of {max_epsilon:g} (--max-epsilon)"
+                f"this task would take the site to epsilon {after:.6g} at delta {delta:g} (it has spent "
+                f"{self.spent(delta):.6g}), past its own limit of {max_epsilon:g} (--max-epsilon)"
             )
+        return after
 
-    def record_pending_upload(self, task_id: int, *, epsilon: float | None, update_file: Path) -> None:
-        """Count the spend and remember the update, before a single byte of it is sent."""
+    def record_pending_upload(self, task_id: int, *, event: dict[str, Any] | None, update_file: Path) -> None:
+        """Count the release and remember the update, before a single byte of it is sent."""
         entry = self.tasks.setdefault(str(task_id), {})
         if entry.get("status") in ("pending_upload", "uploaded"):
             return
-        if epsilon is not None:
-            self.spent_epsilon += epsilon
-        entry.update(status="pending_upload", epsilon=epsilon, update_file=str(update_file))
+        self.releases.append({"task": task_id, "event": event})
+        entry.update(status="pending_upload", event=event, update_file=str(update_file))
         self.save()
 
     def record_uploaded(self, task_id: int) -> None:

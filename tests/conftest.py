@@ -75,7 +75,9 @@ def federation(alice, charlie):
         name="BraTS study",
         created_by=alice,
         model_config=TINY_MODEL,
+        default_mechanism="svt",
         default_mechanism_params=SVT_PARAMS,
+        budget_delta=0,  # pure-DP budgets: SVT rounds compose to their exact sum
         min_sites=1,
         training_defaults={"local_epochs": 0, "max_iterations": 2, "roi_size": 16},
     )

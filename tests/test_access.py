@@ -80,7 +80,7 @@ TABLE = [
         "launch a round",
         "post",
         "/api/federations/{fed}/rounds/",
-        {},
+        {"confirm_noise": True},
         {"alice": 201, "bob": 403, "dave": 403, "charlie": 403, "eve": 404, "anon": 401, "else": 403},
     ),
     (

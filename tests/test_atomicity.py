@@ -16,7 +16,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import DatabaseError, connection
 
-from coordinator import events, selectors, services, storage
+from coordinator import accounting, events, services, storage
 from coordinator.models import AuditEvent, LedgerEntry, Membership, ModelVersion, Round, Task, Update
 
 from .conftest import SVT_PARAMS
@@ -110,7 +110,7 @@ def test_an_upload_failing_at_its_commit_stores_no_update_and_can_be_sent_again(
     assert _blobs("updates") == []
     task.refresh_from_db()
     assert task.state == "assigned"
-    assert selectors.membership_balance(Membership.objects.get(site=task.site)).reserved > 0
+    assert accounting.membership_balance(Membership.objects.get(site=task.site)).reserved > 0
 
     services.update_accept(task=task, data=data)
     assert Update.objects.filter(task=task).count() == 1

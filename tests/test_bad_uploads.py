@@ -339,8 +339,20 @@ def test_an_upload_for_a_closed_or_old_rounds_task_is_refused(
     )
     assert response.status_code == 409, response.content
     assert f"no longer takes an update (task dropped, round {how})" in response.json()["error"]
+    assert "its epsilon is committed all the same" in response.json()["error"]
     assert not Update.objects.filter(task__round=round_, task__site=site).exists()
-    assert _stored_update_files() == files and _commits(round_, site) == commits
+    # Nothing stored, but the values left the site: its spend is committed, once.
+    assert _stored_update_files() == files and _commits(round_, site) == 1
+    assert (
+        _upload(
+            client_for,
+            token,
+            _task(round_, site),
+            svt_update(round_.base_version.n_parameters, SVT_PARAMS, seed=3),
+        ).status_code
+        == 409
+    )
+    assert _commits(round_, site) == 1 >= commits
     # The newer round is untouched: both sites upload and it completes.
     n = newer.base_version.n_parameters
     for label, seed in (("A", 2), ("B", 3)):

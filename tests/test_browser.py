@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import connections
 from django.test import Client
 
-from coordinator import selectors, services
+from coordinator import accounting, services
 from coordinator.models import LedgerEntry, Membership, Round, Site, Task, TaskState
 
 from .conftest import SVT_PARAMS, TINY_MODEL
@@ -262,9 +262,9 @@ def test_the_audit_pages_numbers_equal_the_ledgers(
     page = new_page(charlie)
     page.goto(f"/federations/{federation.pk}/privacy/")
     memberships = list(federation.memberships.all())
-    expected = selectors.ledger_with_balances(
+    expected = accounting.ledger_with_balances(
         LedgerEntry.objects.filter(membership__in=memberships).order_by("id"),
-        {m.pk: m.budget_epsilon for m in memberships},
+        memberships,
     )
     rows = page.locator("#ledger-table tbody tr")
     assert rows.count() == len(expected) == 10
@@ -276,7 +276,7 @@ def test_the_audit_pages_numbers_equal_the_ledgers(
         assert Decimal(row.locator("[data-reserved-after]").inner_text()) == balance.reserved
         assert Decimal(row.locator("[data-remaining-after]").inner_text()) == balance.remaining
     for membership in memberships:
-        committed = selectors.membership_balance(membership).committed
+        committed = accounting.membership_balance(membership).committed
         shown = page.locator("#composition-table tr", has_text=membership.site.name).locator(
             "[data-committed]"
         )

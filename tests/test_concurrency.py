@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 from django.db import connection
 
-from coordinator import selectors, services
+from coordinator import accounting, services
 from coordinator.errors import LaunchRefused
 from coordinator.models import Federation, LedgerEntry, LedgerKind, Membership
 
@@ -59,6 +59,6 @@ def test_twenty_concurrent_launches_never_pass_the_budget(alice, federation, sit
     outcomes = _launch_concurrently(federation.pk, alice, 20, params)
     assert outcomes.count("launched") == 6 and outcomes.count("refused") == 14  # 6 * 0.3 <= 2 < 7 * 0.3
     for membership in Membership.objects.filter(federation=federation):
-        balance = selectors.membership_balance(membership)
+        balance = accounting.membership_balance(membership)
         assert balance.reserved + balance.committed <= membership.budget_epsilon
         assert balance.reserved == Decimal("1.8")

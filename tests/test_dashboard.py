@@ -8,15 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import random
 from decimal import Decimal
 
 import pytest
 from django.test import Client
 
-from coordinator import selectors, services
-from coordinator.dashboard import composition
+from coordinator import accounting, services
 from coordinator.models import (
     AuditEvent,
     LedgerEntry,
@@ -367,6 +365,7 @@ def _launch_data(sites, **overrides):
         "deadline_minutes": "30",
         "min_sites": "1",
         "rounds": "1",
+        "confirm_noise": "on",  # the suite's SVT parameters are mostly noise
     }
     return {**data, **overrides}
 
@@ -387,8 +386,11 @@ def test_preview_shows_cost_balance_noise_and_warnings_per_site(alice, federatio
     preview = response.context["preview"]
     assert preview["epsilon"] == pytest.approx(2.4)
     a = next(s for s in preview["sites"] if s["name"] == "Hospital A")
-    assert Decimal(a["remaining_after"]) == Decimal("-0.4")
-    assert "Budget insufficient" in page and "cosine similarity" in page
+    assert Decimal(a["remaining_after"]) == Decimal("-0.4") and a["rounds_left"] == 0
+    assert (
+        "has 2 epsilon left of 2" in page and "would take it to 2.4" in page and "cosine similarity" in page
+    )
+    assert preview["mostly_noise"] and "mostly noise" in page
     assert "each released value" in page and "Scale / γ" in page
     weak = client.post(url, _launch_data(sites, eps_release="20")).content.decode()
     assert "A guarantee so weak it means little" in weak
@@ -561,9 +563,8 @@ def test_privacy_filters_pick_rows_without_changing_balances(alice, federation, 
 
 def _expected_export(federation):
     memberships = list(federation.memberships.all())
-    budgets = {m.pk: m.budget_epsilon for m in memberships}
     entries = LedgerEntry.objects.filter(membership__in=memberships).order_by("id")
-    return selectors.ledger_with_balances(entries, budgets)
+    return accounting.ledger_with_balances(entries, memberships)
 
 
 def test_json_export_matches_the_ledger_exactly(alice, federation, ledger):
@@ -578,7 +579,8 @@ def test_json_export_matches_the_ledger_exactly(alice, federation, ledger):
         assert row["site"] == entry.membership.site.name and row["mechanism"] == entry.mechanism
         assert row["mechanism_params"] == entry.mechanism_params
         assert (None if row["epsilon"] is None else Decimal(row["epsilon"])) == entry.epsilon
-        assert row["guarantee"] == ("no formal guarantee" if entry.epsilon is None else "pure epsilon-DP")
+        assert row["guarantee"].startswith("no formal guarantee" if entry.epsilon is None else "local DP")
+        assert row["dp_event"] == entry.dp_event and row["delta"] == 0
         assert row["launched_by"] == "alice" and row["created_at"] == entry.created_at.isoformat()
         assert Decimal(row["remaining_after"]) == balance.remaining
         assert Decimal(row["committed_after"]) == balance.committed
@@ -616,50 +618,29 @@ def test_a_site_admin_audits_only_their_own_sites_ledger(bob, federation, sites,
     assert client.get(f"/federations/{federation.pk}/privacy/ledger.xml").status_code == 404
 
 
-def test_privacy_page_shows_informational_bounds_with_delta(alice, federation, ledger):
+def test_privacy_page_names_the_accountant_and_lists_each_sites_events(alice, federation, ledger):
     response = _browser(alice).get(f"/federations/{federation.pk}/privacy/")
     bounds = {row["site"]: row for row in response.context["bounds"]}
     a = bounds["Hospital A"]
-    assert a["committed"] == 1 and a["bounds"].rounds == 1 and a["bounds"].unprotected_rounds == 1
-    assert a["bounds"].zcdp == pytest.approx(composition.zcdp_composition([1.0], 1e-5))
+    # The fixture's federation states budgets at delta 0: one pure round of 1 composes to exactly 1.
+    assert a["committed"] == 1 and a["figures"].rounds == 1 and a["figures"].unprotected_rounds == 1
+    assert a["events"] == [{"kind": "pure", "epsilon": 1.0}]
     page = response.content.decode()
-    assert "informational" in page.lower() and "δ = 1e-5" in page
+    assert "dp-accounting 0.6.0" in page and "privacy loss distributions" in page
+    assert "patient-level" in page and "local DP of each site" in page
 
 
-# --- Composition arithmetic ---------------------------------------------------------------------
+# --- Composition figures ------------------------------------------------------------------------
 
 
-def test_advanced_composition_for_k_equal_rounds_is_the_textbook_formula():
-    k, eps, delta = 50, 0.1, 1e-5
-    expected = math.sqrt(2 * k * math.log(1 / delta)) * eps + k * eps * (math.exp(eps) - 1)
-    assert composition.advanced_composition([eps] * k, delta) == pytest.approx(expected)
-    assert composition.advanced_composition([eps] * k, delta) < composition.basic_composition([eps] * k)
-
-
-def test_zcdp_conversion():
-    eps, k, delta = 0.1, 50, 1e-5
-    rho = k * eps**2 / 2
-    expected = rho + 2 * math.sqrt(rho * math.log(1 / delta))
-    assert composition.zcdp_composition([eps] * k, delta) == pytest.approx(expected)
-
-
-def test_bounds_over_no_rounds_are_zero_and_unprotected_rounds_are_counted_apart():
-    bounds = composition.bounds_for([None, None])
-    assert (bounds.rounds, bounds.unprotected_rounds, bounds.basic, bounds.advanced, bounds.zcdp) == (
-        0,
-        2,
-        0,
-        0,
-        0,
+def test_composition_figures_count_unprotected_rounds_apart():
+    figures = accounting.composition_figures([None, None], 1e-5)
+    assert (figures.rounds, figures.unprotected_rounds, figures.accountant_epsilon) == (0, 2, 0)
+    assert not figures.has_formal_guarantee
+    figures = accounting.composition_figures(
+        [{"kind": "pure", "epsilon": 1.0}, {"kind": "pure", "epsilon": 0.5}], 0
     )
-    assert not bounds.has_formal_guarantee
-    bounds = composition.bounds_for([1.0, 0.5])
-    assert bounds.basic == 1.5 and bounds.tightest == 1.5 and bounds.has_formal_guarantee
-
-
-def test_delta_must_be_a_probability():
-    with pytest.raises(ValueError, match="delta"):
-        composition.zcdp_composition([1.0], 0)
+    assert figures.accountant_epsilon == 1.5 and figures.plain_sum == 1.5 and figures.has_formal_guarantee
 
 
 # --- Audit log ----------------------------------------------------------------------------------

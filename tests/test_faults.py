@@ -10,7 +10,7 @@ import time
 import pytest
 from django.conf import settings
 
-from coordinator import selectors, services
+from coordinator import accounting, services
 from coordinator.models import (
     LedgerEntry,
     Membership,
@@ -134,7 +134,7 @@ def test_an_agent_killed_mid_training_is_dropped_at_the_deadline_and_the_others_
     for task in survivors:
         assert _ledger(round_, task.site_id) == ["commit", "reserve"]
     for membership in Membership.objects.filter(federation=federation):
-        balance = selectors.membership_balance(membership)
+        balance = accounting.membership_balance(membership)
         assert balance.reserved == 0
         assert balance.committed == (0 if membership.site_id == doomed.site_id else ROUND_EPSILON)
     processes.assert_logs_never_mention(*tokens.values())

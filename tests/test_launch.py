@@ -4,18 +4,21 @@ from decimal import Decimal
 
 import pytest
 
-from coordinator import selectors, services
+from coordinator import accounting, services
 from coordinator.models import LedgerEntry, LedgerKind, Membership, Round, RoundState, Task
 
 from .conftest import SVT_PARAMS
 
 
 def _launch(client, federation, **body):
+    # The suite's SVT parameters are mostly noise on purpose (cheap to check, far from useful);
+    # tests of that refusal say confirm_noise=False.
+    body.setdefault("confirm_noise", True)
     return client.post(f"/api/federations/{federation.pk}/rounds/", body, format="json")
 
 
 def _balance(federation, site):
-    return selectors.membership_balance(Membership.objects.get(federation=federation, site=site))
+    return accounting.membership_balance(Membership.objects.get(federation=federation, site=site))
 
 
 def test_launch_reserves_each_sites_epsilon(client_for, alice, federation, sites):
@@ -38,7 +41,7 @@ def test_launch_leaves_out_a_site_without_budget_and_says_why(client_for, alice,
     assert response.status_code == 201
     excluded = response.json()["excluded_sites"]
     assert [e["name"] for e in excluded] == ["Hospital A"]
-    assert "0.5 epsilon left" in excluded[0]["reason"] and "costs 1" in excluded[0]["reason"]
+    assert "0.5 epsilon left" in excluded[0]["reason"] and "would take it to 1" in excluded[0]["reason"]
     assert _balance(federation, site_a).reserved == 0
 
 

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 from django.conf import settings
 
-from coordinator import selectors, services, storage
+from coordinator import accounting, services, storage
 from coordinator.models import LedgerEntry, LedgerKind, Membership, Task, Update
 
 from .conftest import SVT_PARAMS
@@ -34,7 +34,7 @@ def test_retried_upload_commits_epsilon_once(client_for, alice, federation, site
     assert Update.objects.filter(task=task).count() == 1
     commits = LedgerEntry.objects.filter(round=round_, membership__site=site, kind=LedgerKind.COMMIT)
     assert [c.epsilon for c in commits] == [Decimal(1)]
-    balance = selectors.membership_balance(Membership.objects.get(site=site))
+    balance = accounting.membership_balance(Membership.objects.get(site=site))
     assert (balance.committed, balance.reserved, balance.remaining) == (1, 0, 1)
     assert _task(round_, site).state == "uploaded"
 
@@ -87,7 +87,7 @@ def test_an_update_breaking_the_rounds_rules_is_recorded_rejected_and_still_spen
     )
 
 
-def test_upload_after_the_round_closed_is_refused(client_for, alice, federation, sites):
+def test_upload_after_the_round_closed_is_refused_and_charged(client_for, alice, federation, sites):
     site, token = sites["A"]
     round_ = services.round_launch(federation=federation, launched_by=alice)
     services.round_abort(round_=round_, aborted_by=alice, reason="stop")
@@ -95,4 +95,18 @@ def test_upload_after_the_round_closed_is_refused(client_for, alice, federation,
         client_for, token, _task(round_, site), svt_update(round_.base_version.n_parameters, SVT_PARAMS)
     )
     assert response.status_code == 409
+    # Its reservation was released, but its values left the site: the late update is charged.
+    commits = LedgerEntry.objects.filter(kind=LedgerKind.COMMIT)
+    assert [(c.membership.site, c.reason) for c in commits] == [
+        (site, "late upload: not used, but its values left the site")
+    ]
+    balance = accounting.membership_balance(commits[0].membership)
+    assert (balance.committed, balance.reserved) == (1, 0)
+
+
+def test_bytes_that_are_no_update_are_not_charged_when_late(client_for, alice, federation, sites):
+    site, token = sites["A"]
+    round_ = services.round_launch(federation=federation, launched_by=alice)
+    services.round_abort(round_=round_, aborted_by=alice, reason="stop")
+    assert _upload(client_for, token, _task(round_, site), b"not an update").status_code == 409
     assert not LedgerEntry.objects.filter(kind=LedgerKind.COMMIT).exists()

@@ -7,7 +7,7 @@ import time
 import pytest
 from django.conf import settings
 
-from coordinator import selectors, services
+from coordinator import accounting, services
 from coordinator.celery import app as celery_app
 from coordinator.models import Membership, ModelVersion, Round, RoundState, Task
 
@@ -99,7 +99,7 @@ def test_deadline_with_too_few_updates_fails_the_round_on_the_worker(
     assert round_.state == RoundState.FAILED
     assert "only 1 accepted update(s), the round needs at least 2" in round_.failure_reason
     for membership in Membership.objects.filter(federation=federation):
-        balance = selectors.membership_balance(membership)
+        balance = accounting.membership_balance(membership)
         assert balance.reserved == 0
         uploaded = membership.site_id == task.site_id
         assert balance.remaining == (4 if uploaded else 5)

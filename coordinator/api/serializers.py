@@ -45,9 +45,16 @@ class FederationCreateSerializer(serializers.Serializer):
     min_sites = serializers.IntegerField(required=False, default=1, min_value=1)
     round_deadline_seconds = serializers.IntegerField(required=False, default=3600, min_value=1)
     default_mechanism = serializers.ChoiceField(
-        choices=models.Mechanism.choices, required=False, default=protocol.MECHANISM_SVT
+        choices=models.Mechanism.choices, required=False, default=protocol.MECHANISM_DPSGD
     )
     default_mechanism_params = serializers.JSONField(required=False)
+    budget_delta = serializers.FloatField(
+        required=False,
+        default=models.DEFAULT_BUDGET_DELTA,
+        min_value=0.0,
+        max_value=0.5,
+        help_text="the delta every site's budget is stated at (0: pure DP, SVT rounds only)",
+    )
     training_defaults = serializers.JSONField(required=False)
     aggregation_rule = serializers.ChoiceField(
         choices=models.AggregationRule.values, required=False, default="mean"
@@ -203,6 +210,11 @@ class RoundLaunchSerializer(serializers.Serializer):
     training_params = serializers.JSONField(required=False, allow_null=True, default=None)
     deadline_seconds = serializers.IntegerField(required=False, allow_null=True, default=None)
     min_sites = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1)
+    confirm_noise = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="launch even though the preview says the updates would be mostly noise",
+    )
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -303,8 +315,14 @@ class AgentTaskSerializer(serializers.Serializer):
     model_config = serializers.JSONField(source="round.federation.model_config")
     mechanism = serializers.CharField(source="round.mechanism")
     mechanism_params = serializers.JSONField(source="round.mechanism_params")
+    dp_event = serializers.JSONField(source="round.dp_event", allow_null=True)
     epsilon = serializers.DecimalField(
-        source="round.epsilon_per_site", max_digits=24, decimal_places=12, allow_null=True
+        source="round.epsilon_per_site",
+        max_digits=24,
+        decimal_places=12,
+        allow_null=True,
+        help_text="the round's own epsilon at delta, as the coordinator accounts it",
     )
+    delta = serializers.FloatField(source="round.federation.budget_delta")
     training_params = serializers.JSONField(source="round.training_params")
     deadline = serializers.DateTimeField(source="round.deadline")

@@ -9,7 +9,7 @@ from rest_framework.decorators import api_view, parser_classes, permission_class
 from rest_framework.parsers import BaseParser
 from rest_framework.response import Response
 
-from coordinator import access, privacy_preview, selectors, services, storage, throttle
+from coordinator import access, accounting, privacy_preview, selectors, services, storage, throttle
 from coordinator.api import serializers as s
 from coordinator.api.auth import IsPerson, IsSiteAgent, SiteAgent, touch_site
 from coordinator.errors import NotAllowed
@@ -132,7 +132,7 @@ def memberships(request, pk: int):
     federation = _federation(request, pk)
     if request.method == "GET":
         visible = list(access.memberships_visible_to(request.user, federation))
-        context = {"balances": selectors.balances_for(visible)}
+        context = {"balances": accounting.balances_for(visible)}
         return Response(s.MembershipSerializer(visible, many=True, context=context).data)
     _require(
         access.can_coordinate(request.user, federation), "only the federation's coordinators may add sites"
@@ -140,7 +140,7 @@ def memberships(request, pk: int):
     data = _valid(s.MembershipCreateSerializer, request)
     site = get_object_or_404(Site, pk=data.pop("site"))
     membership = services.membership_add(federation=federation, site=site, added_by=request.user, **data)
-    context = {"balances": selectors.balances_for([membership])}
+    context = {"balances": accounting.balances_for([membership])}
     return Response(s.MembershipSerializer(membership, context=context).data, status=201)
 
 
@@ -158,11 +158,11 @@ def membership_detail(request, pk: int):
     membership = _membership(request, pk)
     if request.method == "PATCH":
         data = _valid(s.BudgetChangeSerializer, request)
-        new_budget = services.epsilon_from_input("budget", data["budget"])
+        new_budget = accounting.epsilon_from_input("budget", data["budget"])
         refusal = access.budget_change_refusal(request.user, membership, new_budget)
         _require(refusal is None, refusal or "")
         membership = services.budget_set(membership=membership, changed_by=request.user, **data)
-    context = {"balances": selectors.balances_for([membership])}
+    context = {"balances": accounting.balances_for([membership])}
     return Response(s.MembershipSerializer(membership, context=context).data)
 
 
@@ -181,6 +181,8 @@ def rounds(request, pk: int):
         "only the federation's coordinators may launch rounds",
     )
     data = _valid(s.RoundLaunchSerializer, request)
+    privacy_preview.check_noise(federation=federation, **data)
+    data.pop("confirm_noise")
     round_ = services.round_launch(
         federation=federation, launched_by=request.user, site_ids=data.pop("sites"), **data
     )
@@ -266,9 +268,8 @@ def version_weights(request, pk: int):
 
 
 def _ledger_rows(entries, memberships):
-    budgets = {m.pk: m.budget_epsilon for m in memberships}
     entries = entries.select_related("membership__site", "round__launched_by").order_by("id")
-    return selectors.ledger_with_balances(entries, budgets)
+    return accounting.ledger_with_balances(entries, memberships)
 
 
 @extend_schema(responses=s.LedgerEntrySerializer(many=True))

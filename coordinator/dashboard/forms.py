@@ -11,8 +11,25 @@ from coordinator.models import Federation, LedgerKind, Mechanism
 from sitesagent import protocol
 
 EPSILON: dict[str, Any] = {"max_digits": 24, "decimal_places": 12, "min_value": Decimal(0)}
-MECHANISM_FIELDS = ("fraction", "gamma", "tau", "eps_threshold", "eps_query", "eps_release")
+MECHANISM_FIELDS = (
+    "fraction",
+    "gamma",
+    "tau",
+    "eps_threshold",
+    "eps_query",
+    "eps_release",
+    "noise_multiplier",
+    "max_grad_norm",
+    "sample_rate",
+    "steps",
+    "crops_per_case",
+)
 MECHANISM_HELP = {
+    "noise_multiplier": "σ: Gaussian noise σ·C on each step's summed case gradients",
+    "max_grad_norm": "C: each case's gradient is clipped to this L2 norm",
+    "sample_rate": "q: each case is in a step's batch with this probability (expected batch q·N)",
+    "steps": "noisy optimiser steps each site takes this round",
+    "crops_per_case": "random crops of each sampled case, together one record",
     "fraction": "Q: the share of coordinates a site may release",
     "gamma": "clip bound on each per-step delta value",
     "tau": "SVT threshold on |clipped delta|",
@@ -82,6 +99,11 @@ class LaunchForm(forms.Form):
     eps_threshold = forms.FloatField(required=False, min_value=0, label="ε threshold")
     eps_query = forms.FloatField(required=False, min_value=0, label="ε query")
     eps_release = forms.FloatField(required=False, min_value=0, label="ε release")
+    noise_multiplier = forms.FloatField(required=False, min_value=0, label="Noise multiplier σ")
+    max_grad_norm = forms.FloatField(required=False, min_value=0, label="Clip norm C")
+    sample_rate = forms.FloatField(required=False, min_value=0, max_value=1, label="Sample rate q")
+    steps = forms.IntegerField(required=False, min_value=1, max_value=protocol.MAX_WHOLE, label="Steps")
+    crops_per_case = forms.IntegerField(required=False, min_value=1, max_value=64, label="Crops per case")
     local_epochs = forms.IntegerField(min_value=0, initial=1)
     max_iterations = forms.IntegerField(
         min_value=0, initial=0, help_text="0: no limit, the local epochs decide"
@@ -94,6 +116,11 @@ class LaunchForm(forms.Form):
         initial=1,
         label="Rounds back to back",
         help_text="each next round starts as soon as the one before is done",
+    )
+    confirm_noise = forms.BooleanField(
+        required=False,
+        label="Launch even if the updates would be mostly noise",
+        help_text="the preview says when; without this, such a launch is refused",
     )
 
     def __init__(self, *args: Any, site_choices: list[tuple[int, str]], **kwargs: Any):
@@ -139,6 +166,16 @@ class LaunchForm(forms.Form):
             },
             "deadline_seconds": data["deadline_minutes"] * 60,
             "min_sites": data["min_sites"],
+        }
+
+    def preview_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of privacy_preview.preview and check_noise."""
+        kwargs = self.launch_kwargs()
+        return {
+            "sites": kwargs["site_ids"],
+            "mechanism": kwargs["mechanism"],
+            "mechanism_params": kwargs["mechanism_params"],
+            "rounds": self.cleaned_data["rounds"],
         }
 
 

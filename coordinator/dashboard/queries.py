@@ -9,8 +9,7 @@ from typing import Any
 
 from django.db.models import Count, Q, QuerySet
 
-from coordinator import selectors
-from coordinator.dashboard import composition
+from coordinator import accounting, selectors
 from coordinator.models import (
     AuditEvent,
     Federation,
@@ -165,7 +164,7 @@ def site_tasks(site: Site, federation_ids: Iterable[int], limit: int = 50) -> li
 
 def budget_rows(memberships: Iterable[Membership]) -> list[dict[str, Any]]:
     memberships = list(memberships)
-    balances = selectors.balances_for(memberships)
+    balances = accounting.balances_for(memberships)
     return [
         {
             "membership": m,
@@ -254,7 +253,6 @@ def ledger_rows(
 ) -> list[dict[str, Any]]:
     """Ledger entries with the balance right after each; filters never change those balances."""
     memberships = list(memberships)
-    budgets = {m.pk: m.budget_epsilon for m in memberships}
     entries = (
         LedgerEntry.objects.filter(membership__in=memberships)
         .select_related(
@@ -262,7 +260,7 @@ def ledger_rows(
         )
         .order_by("id")
     )
-    rows = selectors.ledger_with_balances(entries, budgets)
+    rows = accounting.ledger_with_balances(entries, memberships)
     return [
         row
         for row in rows
@@ -272,24 +270,27 @@ def ledger_rows(
     ]
 
 
-def composition_rows(
-    memberships: Iterable[Membership], delta: float = composition.DEFAULT_DELTA
-) -> list[dict[str, Any]]:
-    """Per site: what was committed, and the informational bounds on it."""
+def composition_rows(memberships: Iterable[Membership]) -> list[dict[str, Any]]:
+    """Per site: its committed DP events composed by the accountant at its budget's delta."""
     memberships = sorted(memberships, key=lambda m: m.site.name)
-    committed: dict[int, list[Decimal | None]] = {m.pk: [] for m in memberships}
-    for membership_id, epsilon in (
+    committed: dict[int, list[dict | None]] = {m.pk: [] for m in memberships}
+    for membership_id, event in (
         LedgerEntry.objects.filter(membership__in=memberships, kind=LedgerKind.COMMIT)
         .order_by("id")
-        .values_list("membership_id", "epsilon")
+        .values_list("membership_id", "dp_event")
     ):
-        committed[membership_id].append(epsilon)
-    rows = []
-    for m in memberships:
-        exact_sum = sum((e for e in committed[m.pk] if e is not None), Decimal(0))
-        bounds = composition.bounds_for([None if e is None else float(e) for e in committed[m.pk]], delta)
-        rows.append({"membership": m, "site": m.site.name, "committed": exact_sum, "bounds": bounds})
-    return rows
+        committed[membership_id].append(event)
+    return [
+        {
+            "membership": m,
+            "site": m.site.name,
+            "committed": accounting.as_decimal(figures.accountant_epsilon),
+            "figures": figures,
+            "events": [event for event in committed[m.pk] if event is not None],
+        }
+        for m in memberships
+        for figures in [accounting.composition_figures(committed[m.pk], m.budget_delta)]
+    ]
 
 
 EXPORT_FIELDS = [
@@ -301,7 +302,9 @@ EXPORT_FIELDS = [
     "kind",
     "mechanism",
     "mechanism_params",
+    "dp_event",
     "epsilon",
+    "delta",
     "guarantee",
     "launched_by",
     "launched_at",
@@ -331,8 +334,10 @@ def ledger_export(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "kind": entry.kind,
                 "mechanism": entry.mechanism,
                 "mechanism_params": entry.mechanism_params,
+                "dp_event": entry.dp_event,
                 "epsilon": None if entry.epsilon is None else str(entry.epsilon),
-                "guarantee": "pure epsilon-DP" if entry.epsilon is not None else NO_GUARANTEE,
+                "delta": entry.membership.budget_delta,
+                "guarantee": protocol.mechanism_spec(entry.mechanism).guarantee or NO_GUARANTEE,
                 "launched_by": entry.round.launched_by.get_username() if entry.round.launched_by else None,
                 "launched_at": entry.round.launched_at.isoformat(),
                 "caused_by": str(caused_by) if caused_by else "coordinator",

@@ -18,8 +18,8 @@ from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from coordinator import access, charts, privacy_preview, ratelimit, selectors, services
-from coordinator.dashboard import composition, queries
+from coordinator import access, accounting, charts, privacy_preview, ratelimit, selectors, services
+from coordinator.dashboard import queries
 from coordinator.dashboard.forms import (
     BudgetForm,
     LaunchForm,
@@ -30,7 +30,7 @@ from coordinator.dashboard.forms import (
 )
 from coordinator.errors import NotAllowed, ServiceError
 from coordinator.models import Federation, Round, Site
-from sitesagent import protocol
+from sitesagent import accountant, protocol
 
 # --- Shared helpers -----------------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ def _budget_change(request, federation: Federation, memberships):
     membership = get_object_or_404(memberships, pk=form.cleaned_data["membership"])
     consent = form.cleaned_data["allows_unprotected_sharing"]
     try:
-        budget = services.epsilon_from_input("budget", form.cleaned_data["budget"])
+        budget = accounting.epsilon_from_input("budget", form.cleaned_data["budget"])
         refusal = access.budget_change_refusal(request.user, membership, budget)
         if refusal:
             raise NotAllowed(refusal)
@@ -248,23 +248,11 @@ def _preview(federation: Federation, form: LaunchForm) -> dict:
     """The privacy preview of a launch form, or why there is none."""
     if not form.is_valid():
         return {"errors": [_form_errors(form)]}
-    kwargs = form.launch_kwargs()
     try:
-        preview = privacy_preview.preview(
-            federation=federation,
-            sites=kwargs["site_ids"],
-            mechanism=kwargs["mechanism"],
-            mechanism_params=kwargs["mechanism_params"],
-        )
+        preview = privacy_preview.preview(federation=federation, **form.preview_kwargs())
     except ServiceError as error:
         return {"errors": [error.message]}
-    rounds = form.cleaned_data["rounds"]
-    preview.update(
-        unprotected=preview["epsilon"] is None,
-        rounds=rounds,
-        epsilon_total=None if preview["epsilon"] is None else preview["epsilon"] * rounds,
-        share_percent=100 * preview["share_released"],
-    )
+    preview.update(unprotected=preview["event"] is None, share_percent=100 * preview["share_released"])
     return {"preview": preview}
 
 
@@ -300,6 +288,9 @@ def _initial_data(form: LaunchForm) -> dict:
 
 
 def _launch_rounds(request, federation: Federation, form: LaunchForm) -> Round:
+    privacy_preview.check_noise(
+        federation=federation, confirm_noise=form.cleaned_data["confirm_noise"], **form.preview_kwargs()
+    )
     kwargs = form.launch_kwargs()
     count = form.cleaned_data["rounds"]
     if count > 1:
@@ -512,7 +503,7 @@ def privacy(request, pk: int):
         "filter_form": form,
         "query": request.GET.urlencode(),
         "bounds": queries.composition_rows(memberships),
-        "delta": f"{composition.DEFAULT_DELTA:.0e}".replace("e-0", "e-"),
+        "accountant": accountant.accountant_name(),
     }
     return render(request, "dashboard/privacy.html", context)
 
