@@ -144,6 +144,34 @@ def build_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
         )
 
 
+def make_per_sample_compatible(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` (in place, and return it) work with Opacus's per-sample gradients (DP-SGD).
+
+    Opacus records per-sample gradients with backward hooks on every layer that has weights,
+    and autograd refuses an in-place change to a hooked layer's output ("Output 0 of
+    BackwardHookFunction is a view and is being modified inplace"). MONAI's SegResNet makes two:
+    its activations run in place (ReLU(inplace=True) right after each GroupNorm), and its
+    ResBlock adds the skip connection in place (``x += identity``) on a convolution's output.
+    Here every activation (and dropout) runs out of place, and each ResBlock becomes a
+    `sitesagent.dpsgd.PerSampleResBlock`: the same object, parameters and submodules, whose
+    forward ends in ``x + identity``. Nothing is forked, so the state dict's keys and values and
+    the function computed are exactly those of the original (out of place gives the same
+    floating-point results). Calling it twice is harmless.
+    """
+    from monai.networks.blocks.segresnet_block import ResBlock
+
+    from sitesagent.dpsgd import PerSampleResBlock
+
+    for module in model.modules():
+        if isinstance(getattr(module, "inplace", None), bool):
+            module.inplace = False  # type: ignore[assignment]
+        if type(module) is ResBlock:
+            # Swapping the class keeps the instance (its parameters, hooks and place in the
+            # model); a subclass at module level keeps the model deep-copyable and picklable.
+            module.__class__ = PerSampleResBlock
+    return model
+
+
 def count_parameters(config: ModelConfig) -> int:
     """How many numbers the flat update vector of ``config``'s model holds."""
     state = build_model(config).state_dict()

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from monai.data import DataLoader
@@ -33,6 +33,9 @@ from sitesagent.data import (
     val_transforms,
 )
 from sitesagent.model import settings_from_dict
+
+if TYPE_CHECKING:
+    from sitesagent.dpsgd import DpSgdConfig
 
 AMP_CHOICES = ("auto", True, False)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -204,8 +207,12 @@ def train(
     train_cases: Sequence[Case],
     config: TrainConfig,
     hooks: TrainingHooks | None = None,
+    *,
+    dp: DpSgdConfig | None = None,
+    generator: torch.Generator | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``train_cases`` for ``config.n_iterations(len(train_cases))`` steps.
+    """Train ``model`` in place on ``train_cases`` for ``config.n_iterations(len(train_cases))`` steps,
+    or, with ``dp``, for ``dp.steps`` steps of DP-SGD.
 
     The model is moved to the configured device and left there. Data order and augmentation
     come from ``config.seed`` alone, and the global torch random state is restored afterwards,
@@ -214,13 +221,33 @@ def train(
     naming the file when a scan cannot be loaded, TrainConfigError when ``roi_size`` does not
     suit the model, and FloatingPointError when the loss stops being finite (without AMP).
     An exception from a hook stops training too.
+
+    With ``dp`` (a `sitesagent.dpsgd.DpSgdConfig`) training is patient-level DP-SGD (see
+    `sitesagent.dpsgd`): each step Poisson-samples the cases with rate ``dp.sample_rate``,
+    takes ``dp.crops_per_case`` crops of each, clips each case's summed gradient to
+    ``dp.max_grad_norm``, adds Gaussian noise and divides by the expected batch size; Adam (lr
+    and weight decay from ``config``) sees only that. ``config.max_iterations`` and
+    ``local_epochs`` are then ignored, ``config.batch_size`` is the most crops per forward pass
+    (memory, not privacy), and AMP is off (``amp`` true is refused). Sampling and noise draw from
+    ``generator`` (a CPU generator; give one only to replay a run, as tests do), else from one
+    seeded from the operating system. The model is made per-sample compatible in place
+    (`model.make_per_sample_compatible`: same weights, same function). The result has
+    ``n_iterations == dp.steps``; a step whose batch is empty still updates the model (by noise
+    alone) and reports its loss as NaN. The losses the hooks hear are not protected by the
+    mechanism (DESIGN section 6 discloses metrics as such).
     """
     if not train_cases:
         raise ValueError("no training cases: a site needs at least one case to train on")
     hooks = hooks or NoHooks()
     device = resolve_device(config.device)
-    use_amp = _amp_enabled(config.amp, device)
     _check_roi_fits(model, config.roi_size)
+    if dp is not None:
+        from sitesagent.dpsgd import train_private  # Opacus loads only when a round is private
+
+        return train_private(model, train_cases, config, hooks, dp=dp, generator=generator, device=device)
+    if generator is not None:
+        raise ValueError("generator drives DP-SGD's sampling and noise; it is only taken with dp")
+    use_amp = _amp_enabled(config.amp, device)
     total = config.n_iterations(len(train_cases))
 
     hooks.on_phase("loading")
@@ -238,7 +265,7 @@ def train(
     )
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_function = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, to_onehot_y=False, sigmoid=True)
+    loss_function = dice_loss()
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     load_seconds = time.perf_counter() - load_start
 
@@ -264,6 +291,14 @@ def train(
         seconds=seconds,
         load_seconds=load_seconds,
         samples_per_second=samples / seconds,
+    )
+
+
+def dice_loss(reduction: str = "mean") -> DiceLoss:
+    """The training loss: soft Dice on the three sigmoid outputs (MONAI's BraTS tutorial).
+    ``reduction="none"`` gives one value per crop and region (DP-SGD's per-crop losses)."""
+    return DiceLoss(
+        smooth_nr=0, smooth_dr=1e-5, squared_pred=True, to_onehot_y=False, sigmoid=True, reduction=reduction
     )
 
 
