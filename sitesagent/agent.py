@@ -137,7 +137,7 @@ class Agent:
         mechanism, params = task.get("mechanism"), task.get("mechanism_params")
         try:
             spec = protocol.mechanism_spec(mechanism)
-            event = protocol.round_event(mechanism, params or {})
+            event = protocol.round_event(spec.name, params or {})
         except protocol.ProtocolError as error:
             raise TaskRefused(f"the round's mechanism cannot be applied: {error}") from None
         if not spec.has_guarantee and not self.config.allow_unprotected:

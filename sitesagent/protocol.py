@@ -206,7 +206,7 @@ def mechanism_spec(mechanism: Any) -> MechanismSpec:
     return spec
 
 
-def validate_mechanism(mechanism: str, params: Mapping[str, Any]) -> dict[str, float]:
+def validate_mechanism(mechanism: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """Check a mechanism's parameters and return them as numbers, in a canonical dict.
 
     Whole-number parameters come back as ints, the others as floats. Raises ProtocolError naming

@@ -110,3 +110,73 @@ def test_control_the_same_agent_uploads_a_round_within_its_cap(
     assert Update.objects.filter(task=task).exists()
     saved = json.loads(state_file.read_text())
     assert saved["releases"] == [{"task": task.pk, "event": {"kind": "pure", "epsilon": 1.5}}]
+
+
+def test_a_dpsgd_round_end_to_end_charges_the_same_epsilon_on_both_sides(server, site_data, tmp_path, alice):
+    from coordinator import accounting
+    from coordinator.models import Membership
+
+    from .conftest import TINY_MODEL
+
+    federation = services.federation_create(
+        name="DP-SGD study",
+        created_by=alice,
+        model_config=TINY_MODEL,
+        default_mechanism="dpsgd",
+        default_mechanism_params={
+            "noise_multiplier": 1.5,
+            "max_grad_norm": 1.0,
+            "sample_rate": 0.5,
+            "steps": 2,
+            "crops_per_case": 1,
+        },  # fmt: skip
+        budget_delta=1e-5,
+        training_defaults=TRAINING,
+    )
+    site, token = services.site_register(name="Hospital P", registered_by=alice)
+    membership = services.membership_add(
+        federation=federation, site=site, budget=10, added_by=alice, reason="r"
+    )
+    round_ = services.round_launch(federation=federation, launched_by=alice)
+
+    state_file = tmp_path / "agent-state.json"
+    command_delta = "1e-5"
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sitesagent",
+            "run",
+            "--server",
+            server.url,
+            "--data",
+            str(site_data),
+            "--device",
+            "cpu",
+            "--max-epsilon",
+            "10",
+            "--delta",
+            command_delta,
+            "--state-file",
+            str(state_file),
+            "--no-progress",
+            "--poll-seconds",
+            "1",
+            "--once",
+        ],  # fmt: skip
+        env={**os.environ, "SITE_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    update = Update.objects.get(task__round=round_, task__site=site)
+    assert update.status == "accepted" and update.encoding == "dense" and update.n_iterations == 2
+    saved = json.loads(state_file.read_text())
+    assert [release["event"] for release in saved["releases"]] == [round_.dp_event]
+    from sitesagent.state import AgentState
+
+    agent_spent = AgentState.load(state_file).spent(1e-5)
+    ledger = accounting.membership_balance(Membership.objects.get(pk=membership.pk))
+    assert ledger.reserved == 0 and float(ledger.committed) == pytest.approx(agent_spent, abs=1e-11)
