@@ -7,8 +7,9 @@ is one case (one patient). Each of the round's ``steps``:
    q (``sample_rate``), so the batch size varies from step to step and may be 0.
 2. ``crops_per_case`` random crops of each sampled case, through the same transforms (crop,
    flips, intensity scale and shift) as non-private training.
-3. Opacus computes each crop's gradient; the crops of one case are summed into that case's one
-   gradient *before* clipping, so a case counts once however many crops it gives.
+3. Opacus computes each crop's gradient (its hooks; for 3-D convolutions a faster sampler of
+   the same numbers, `conv3d_grad_sample`); the crops of one case are summed into that case's
+   one gradient *before* clipping, so a case counts once however many crops it gives.
 4. Each case's gradient is clipped to L2 norm C (``max_grad_norm``) over all parameters together,
    the clipped gradients are summed, Gaussian noise N(0, sigma^2 C^2) is added to every
    coordinate of the sum, and the result is divided by the expected batch size B = q * N.
@@ -21,12 +22,14 @@ augmentation (which crop, which flips) is seeded from `TrainConfig.seed`, as wit
 part of the per-case computation, and the guarantee does not rest on it being secret.
 
 Not protected: the loss and throughput values that `train` reports through its hooks are
-computed from the sampled cases without noise; the agent streams them as metrics, which
-DESIGN discloses as "not protected by the mechanism".
+computed from the sampled cases without noise (and the loss, NaN on an empty step, and the
+throughput both give away each step's batch size, which the analysis assumes hidden); the agent
+streams them as metrics, which DESIGN discloses as "not protected by the mechanism".
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.data import DataLoader
 from monai.networks.blocks.segresnet_block import ResBlock
+from torch.nn.grad import conv3d_weight
 
 from sitesagent.data import Case, data_errors_surfaced, make_dataset, train_transforms
 from sitesagent.model import make_per_sample_compatible, settings_from_dict
@@ -116,6 +120,63 @@ class PerSampleResBlock(ResBlock):
         identity = x
         x = self.conv2(self.act(self.norm2(self.conv1(self.act(self.norm1(x))))))
         return x + identity
+
+
+def conv3d_grad_sample(
+    layer: torch.nn.Conv3d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of a Conv3d's weight and bias: the grad sampler `per_sample_module`
+    gives Opacus for 3-D convolutions.
+
+    The same numbers as Opacus's own sampler (`opacus.grad_sample.conv`), computed another way:
+    Opacus unfolds the input into every 3x3x3 neighbourhood and multiplies, and on a 3-D volume
+    that copy is most of a DP-SGD step's time. Here the batch becomes the groups of one grouped
+    convolution (sample s's input channels meet only sample s's output gradients), so a single
+    weight-gradient convolution, the kernel the non-private backward pass uses, yields all the
+    per-sample gradients at once. Layers this does not cover (string padding, another padding
+    mode, an empty batch) go to Opacus's sampler.
+    """
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    inputs = activations[0].to(backprops.dtype)
+    n = inputs.shape[0]
+    if n == 0 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        return compute_conv_grad_sample(layer, activations, backprops)
+    gradients = {}
+    if layer.weight.requires_grad:
+        out_channels, *per_group = layer.weight.shape
+        grad_weight = conv3d_weight(
+            inputs.reshape(1, n * layer.in_channels, *inputs.shape[2:]),
+            (n * out_channels, *per_group),
+            backprops.reshape(1, n * out_channels, *backprops.shape[2:]),
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=n * layer.groups,
+        )
+        gradients[layer.weight] = grad_weight.reshape(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        gradients[layer.bias] = backprops.flatten(2).sum(dim=2)
+    return gradients
+
+
+@functools.cache
+def _per_sample_class() -> type[GradSampleModule]:
+    from opacus import GradSampleModule
+
+    class PerSampleModule(GradSampleModule):
+        # A registry of its own: Opacus's global one (and so anyone else's use of it) is untouched.
+        GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, torch.nn.Conv3d: conv3d_grad_sample}
+
+    return PerSampleModule
+
+
+def per_sample_module(model: torch.nn.Module) -> GradSampleModule:
+    """Opacus's GradSampleModule around ``model`` (made per-sample compatible first), with
+    `conv3d_grad_sample` for its 3-D convolutions. ``loss_reduction="sum"``: backpropagate the
+    sum of the per-crop losses, and each row of ``p.grad_sample`` is one crop's own gradient.
+    Call ``cleanup()`` on it when done to hand the model back without Opacus's hooks."""
+    return _per_sample_class()(model, batch_first=True, loss_reduction="sum")
 
 
 def poisson_sample(n_cases: int, sample_rate: float, generator: torch.Generator) -> list[int]:
@@ -240,8 +301,6 @@ def train_private(
     device: torch.device,
 ) -> TrainResult:
     """`training.train` with ``dp`` set: ``dp.steps`` DP-SGD steps. Call `training.train`."""
-    from opacus import GradSampleModule
-
     if config.amp is True:
         # Not supported: GradScaler scales the loss, so Opacus's per-sample gradients would be
         # clipped while still scaled, and a step the scaler skips for an overflow would still
@@ -268,9 +327,9 @@ def train_private(
     )
     make_per_sample_compatible(model)
     model.to(device).train()
-    # loss_reduction "sum": `private_step` backpropagates the sum of the crop losses, so Opacus
-    # must not rescale the per-sample gradients by the batch size. The 1/B is DPOptimizer's.
-    per_sample = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    # loss_reduction "sum" (in per_sample_module): `private_step` backpropagates the sum of the
+    # crop losses, so Opacus must not rescale the per-sample gradients; the 1/B is DPOptimizer's.
+    per_sample = per_sample_module(model)
     try:
         optimizer = make_optimizer(model, config, dp, n_cases, noise_generator)
         loss_function = dice_loss(reduction="none")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
 
 from sitesagent import data, dpsgd, model, synth, training
 from sitesagent.dpsgd import DpSgdConfig, DpSgdConfigError
@@ -106,7 +107,7 @@ def one_private_step(
 ) -> Recorder:
     """`dpsgd.private_step` on the tiny model with these crops, ``train_cases`` being N."""
     network = model.make_per_sample_compatible(tiny())
-    per_sample = GradSampleModule(network, loss_reduction="sum")
+    per_sample = dpsgd.per_sample_module(network)
     optimizer = dpsgd.make_optimizer(network, config(), settings, train_cases, seeded())
     recording = Recorder()
     optimizer.attach_step_hook(recording)
@@ -168,6 +169,27 @@ def test_per_sample_gradients_equal_each_example_alone_through_autograd():
         # agreement to 1e-5 of the gradient's largest coordinate.
         assert torch.allclose(rows[i], alone, rtol=0, atol=1e-5 * alone.abs().max())
     assert not torch.allclose(rows[0], rows[1], rtol=0.1), "control: the two examples differ"
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "out_channels", "kernel", "stride", "groups", "bias"),
+    [(4, 8, 3, 1, 1, False), (8, 4, 3, 2, 1, False), (8, 6, 1, 1, 1, True), (4, 6, 3, 1, 2, True)],
+)
+def test_grouped_convolution_sampler_gives_opacus_unfolded_per_sample_gradients(
+    in_channels, out_channels, kernel, stride, groups, bias
+):
+    layer = torch.nn.Conv3d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=bias)
+    generator = seeded(4)
+    inputs = torch.randn(3, in_channels, 8, 8, 8, generator=generator)
+    backprops = torch.randn(3, out_channels, *layer(inputs).shape[2:], generator=generator)
+
+    ours = dpsgd.conv3d_grad_sample(layer, [inputs], backprops)
+    theirs = compute_conv_grad_sample(layer, [inputs], backprops)
+
+    assert set(ours) == set(theirs) == {p for p in layer.parameters()}
+    for parameter, expected in theirs.items():
+        assert ours[parameter].shape == expected.shape == (3, *parameter.shape)
+        assert torch.allclose(ours[parameter], expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
 # -- grouping crops by case, clipping ----------------------------------------------------------
