@@ -18,7 +18,9 @@ from coordinator.models import Federation, LedgerEntry, LedgerKind, Membership
 from .conftest import SVT_PARAMS
 
 
-def _launch_concurrently(federation_id: int, user, count: int, params: dict) -> list[str]:
+def _launch_concurrently(
+    federation_id: int, user, count: int, params: dict, mechanism: str = "svt"
+) -> list[str]:
     barrier = threading.Barrier(count)
     outcomes: list[str] = []
 
@@ -27,7 +29,7 @@ def _launch_concurrently(federation_id: int, user, count: int, params: dict) -> 
             barrier.wait(timeout=30)
             federation = Federation.objects.get(pk=federation_id)
             services.round_launch(
-                federation=federation, launched_by=user, mechanism="svt", mechanism_params=params
+                federation=federation, launched_by=user, mechanism=mechanism, mechanism_params=params
             )
             outcomes.append("launched")
         except LaunchRefused:
@@ -62,3 +64,33 @@ def test_twenty_concurrent_launches_never_pass_the_budget(alice, federation, sit
         balance = accounting.membership_balance(membership)
         assert balance.reserved + balance.committed <= membership.budget_epsilon
         assert balance.reserved == Decimal("1.8")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_twenty_concurrent_dpsgd_launches_never_pass_the_accountants_budget(alice):
+    from sitesagent import accountant, protocol
+
+    from .conftest import TINY_MODEL
+
+    params = {
+        "noise_multiplier": 1.5,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.25,
+        "steps": 8,
+        "crops_per_case": 1,
+    }
+    federation = services.federation_create(
+        name="DP-SGD study", created_by=alice, model_config=TINY_MODEL, budget_delta=1e-5,
+        default_mechanism="dpsgd", default_mechanism_params=params,
+    )  # fmt: skip
+    event = protocol.round_event("dpsgd", params)
+    affordable = accountant.rounds_within([], event, delta=1e-5, budget=8)
+    assert 1 < affordable < 20
+    for label in "AB":
+        site, _ = services.site_register(name=f"DP hospital {label}", registered_by=alice)
+        services.membership_add(federation=federation, site=site, budget=8, added_by=alice, reason="r")
+    outcomes = _launch_concurrently(federation.pk, alice, 20, params, mechanism="dpsgd")
+    assert outcomes.count("launched") == affordable and outcomes.count("refused") == 20 - affordable
+    for membership in Membership.objects.filter(federation=federation):
+        balance = accounting.membership_balance(membership)
+        assert balance.committed + balance.reserved <= membership.budget_epsilon
