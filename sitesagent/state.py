@@ -97,7 +97,7 @@ class AgentState:
         if max_epsilon is not None and after > max_epsilon * (1 + 1e-12):
             raise LocalCapExceeded(
                 f"this task would take the site to epsilon {after:.6g} at delta {delta:g} (it has spent "
-                f"{self.spent(delta):.6g}), past its own limit of {max_epsilon:g} (--max-epsilon)"
+                f"{self.spent(delta):.6g}), past its local limit of {max_epsilon:g} (--max-epsilon)"
             )
         return after
 

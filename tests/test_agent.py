@@ -69,7 +69,7 @@ def test_agent_trains_uploads_a_sparse_update_and_streams_metrics(
     assert {"train_loss", "throughput", "dice_mean", "dice_et", "dice_wt", "dice_tc"} <= names
     site.refresh_from_db()
     assert site.agent_info["cases"] == 3 and site.agent_info["device"] == "cpu"
-    assert AgentState.load(tmp_path / "agent-state.json").spent_epsilon == pytest.approx(1.0)
+    assert AgentState.load(tmp_path / "agent-state.json").spent(0) == pytest.approx(1.0)
 
 
 def test_an_agent_restarted_mid_training_resumes_its_task(
@@ -123,14 +123,21 @@ def test_agent_refuses_unprotected_sharing_unless_allowed_locally(
 
 
 def test_local_spend_survives_a_restart_and_is_counted_once(tmp_path):
+    pure = {"kind": "pure", "epsilon": 1.5}
     state = AgentState.load(tmp_path / "state.json")
-    state.record_pending_upload(7, epsilon=1.5, update_file=tmp_path / "u")
-    state.record_pending_upload(7, epsilon=1.5, update_file=tmp_path / "u")  # resumed after a crash
+    state.record_pending_upload(7, event=pure, update_file=tmp_path / "u")
+    state.record_pending_upload(7, event=pure, update_file=tmp_path / "u")  # resumed after a crash
     reloaded = AgentState.load(tmp_path / "state.json")
-    assert reloaded.spent_epsilon == 1.5 and reloaded.task(7)["status"] == "pending_upload"
+    assert reloaded.spent(0) == 1.5 and reloaded.task(7)["status"] == "pending_upload"
     with pytest.raises(LocalCapExceeded, match="local limit of 2"):
-        reloaded.check_cap(1.0, 2.0)
-    reloaded.check_cap(0.5, 2.0)
+        reloaded.check_cap({"kind": "pure", "epsilon": 1.0}, 2.0, 0)
+    assert reloaded.check_cap({"kind": "pure", "epsilon": 0.5}, 2.0, 0) == 2.0
+
+
+def test_an_old_state_files_total_is_kept_as_one_pure_release(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text('{"spent_epsilon": 1.8, "tasks": {}}')
+    assert AgentState.load(path).spent(0) == 1.8
 
 
 def test_a_corrupt_state_file_stops_the_agent_rather_than_forget_its_spend(tmp_path):

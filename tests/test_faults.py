@@ -175,7 +175,7 @@ def test_an_agent_restarted_mid_upload_commits_its_update_and_epsilon_once(
     assert _ledger(round_, site.pk) == ["commit", "reserve"]
     state = AgentState.load(agent.state_file)
     assert state.task(task.pk)["status"] == "uploaded"
-    assert state.spent_epsilon == pytest.approx(float(ROUND_EPSILON))
+    assert state.spent(0) == pytest.approx(float(ROUND_EPSILON))
     processes.assert_logs_never_mention(token)
 
 

@@ -253,7 +253,7 @@ def round_line(round_: Round, seconds: float) -> str:
         most = max((b.committed + b.reserved for b in spent), default=0)
         epsilon = (
             f"{accounting.show(round_.epsilon_per_site)} this round, up to {accounting.show(most)} per "
-            f"site so far (delta {round_.federation.budget_delta:g})"
+            f"site committed or reserved (delta {round_.federation.budget_delta:g})"
         )
     return (
         f"round {round_.number}: {len(contributed)} site(s) contributed ({', '.join(contributed)}); "
