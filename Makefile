@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/round_overhead.py
 	$(PY) bench/live_metrics.py
 	$(PY) bench/training_overhead.py
+	$(PY) bench/dpsgd_step.py
 
 clean-var:
 	-$(PY) manage.py embedded_redis stop

@@ -390,3 +390,9 @@ def _detach(per_sample: GradSampleModule) -> None:
     for parameter in per_sample._module.parameters():
         if hasattr(parameter, "summed_grad"):
             del parameter.summed_grad
+    for module in per_sample._module.modules():
+        # Opacus's forward hooks keep each layer's inputs here until the backward pass; an
+        # exception in between would leave tensors behind.
+        for name in ("activations", "max_batch_len"):
+            if name in vars(module):
+                delattr(module, name)

@@ -358,6 +358,18 @@ def test_training_draws_a_poisson_batch_every_step(cases, recorder):
     assert sizes == [len(dpsgd.poisson_sample(3, 0.5, replay)) for _ in range(steps)]
 
 
+def test_a_step_split_into_several_forward_passes_in_a_loader_process_keeps_its_cases(cases, recorder):
+    # batch_size 1: each crop is a forward pass of its own, so a case's two crops straddle passes.
+    settings = dp(noise_multiplier=0.0, max_grad_norm=1e9, sample_rate=0.5, steps=6, crops_per_case=2)
+
+    training.train(tiny(), cases, config(batch_size=1, num_workers=1), dp=settings, generator=seeded(8))
+
+    replay = seeded(8)
+    assert [rows.shape[0] for rows in recorder.rows] == [
+        len(dpsgd.poisson_sample(3, 0.5, replay)) for _ in range(6)
+    ]
+
+
 # -- training ----------------------------------------------------------------------------------
 
 
@@ -404,6 +416,7 @@ def test_dp_training_hands_back_a_plain_model(cases):
 
     assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in network.parameters())
     assert not any(module._forward_hooks or module._backward_hooks for module in network.modules())
+    assert not any(hasattr(module, "activations") for module in network.modules())
     training.train(network, cases, config(max_iterations=1))  # and trains without DP as before
 
 
