@@ -1,6 +1,7 @@
 """The comparison of Li et al. 2019, reproducible: centralised training, federated averaging
-without privacy, partial sharing at several fractions, and SVT at several epsilons, all on the
-same data split, the same model, the same seeds, and the same number of training steps.
+without privacy, partial sharing at several fractions, SVT at several epsilons, and patient-level
+DP-SGD at several epsilons over the whole run, all on the same data split, the same model, the
+same seeds, and the same number of training steps.
 
 It runs in one process with the very functions the system runs elsewhere (the agent's training,
 evaluation and privacy code, the coordinator's aggregation), without HTTP in between: the
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from coordinator.aggregation import aggregate
-from sitesagent import protocol
+from sitesagent import accountant, protocol
 from sitesagent.data import Case, discover_cases, split_cases
 from sitesagent.model import ModelConfig, build_model, flat_to_state, state_to_flat
 from sitesagent.privacy import partial_share, svt
@@ -39,12 +40,21 @@ class Setting:
     name: str
     mechanism: str  # "centralised", or a protocol mechanism
     params: dict[str, float] = field(default_factory=dict)
+    delta: float = 0.0  # the delta its epsilons are stated at (0: pure DP)
+
+    @property
+    def event(self) -> dict | None:
+        if self.mechanism == "centralised":
+            return None
+        return protocol.round_event(self.mechanism, self.params)
 
     @property
     def epsilon_per_round(self) -> float | None:
-        if self.mechanism in ("centralised", protocol.MECHANISM_NONE, protocol.MECHANISM_PARTIAL):
-            return None
-        return protocol.round_epsilon(self.mechanism, self.params)
+        return None if self.event is None else accountant.event_epsilon(self.event, self.delta)
+
+    def epsilon_spent(self, rounds: int) -> float | None:
+        """The accountant's epsilon over ``rounds`` rounds, at this setting's delta."""
+        return None if self.event is None else accountant.composed_epsilon([self.event] * rounds, self.delta)
 
 
 @dataclass
@@ -86,6 +96,41 @@ def sites_from_folders(folders: Sequence[Path], seed: int) -> dict[str, tuple[li
     }
 
 
+@dataclass(frozen=True)
+class DpSgdPlan:
+    """DP-SGD rows: each target epsilon is over the whole run (``rounds`` rounds of ``steps``)."""
+
+    epsilons: Sequence[float]
+    sample_rate: float
+    clip: float
+    delta: float
+    rounds: int
+    steps: int
+
+
+def calibrated_noise(target: float, *, sample_rate: float, steps: int, rounds: int, delta: float) -> float:
+    """The smallest noise multiplier (to 0.1%) whose ``rounds`` rounds cost at most ``target``."""
+
+    def cost(sigma: float) -> float:
+        event = {
+            "kind": protocol.EVENT_POISSON_GAUSSIAN,
+            "sample_rate": sample_rate,
+            "noise_multiplier": sigma,
+            "steps": steps,
+        }
+        return accountant.composed_epsilon([event] * rounds, delta)
+
+    low, high = 0.3, 1.0
+    while cost(high) > target:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier up to 1e4 brings the run within epsilon {target}")
+    while (high - low) / high > 1e-3:
+        middle = (low + high) / 2
+        low, high = (low, middle) if cost(middle) <= target else (middle, high)
+    return high
+
+
 def default_settings(
     n_parameters: int,
     *,
@@ -93,6 +138,7 @@ def default_settings(
     epsilons: Sequence[float],
     svt_fraction: float,
     gamma: float,
+    dpsgd: DpSgdPlan | None = None,
 ) -> list[Setting]:
     settings = [Setting("centralised", "centralised"), Setting("FedAvg, no privacy", protocol.MECHANISM_NONE)]
     for fraction in fractions:
@@ -107,6 +153,19 @@ def default_settings(
         split = protocol.svt_split(epsilon, fraction=svt_fraction, n_parameters=n_parameters)
         params = {"fraction": svt_fraction, "gamma": gamma, "tau": gamma / 10, **split}
         settings.append(Setting(f"SVT eps={epsilon:g}", protocol.MECHANISM_SVT, params))
+    for epsilon in dpsgd.epsilons if dpsgd else ():
+        sigma = calibrated_noise(
+            epsilon, sample_rate=dpsgd.sample_rate, steps=dpsgd.steps, rounds=dpsgd.rounds, delta=dpsgd.delta
+        )
+        params = {
+            "noise_multiplier": sigma,
+            "max_grad_norm": dpsgd.clip,
+            "sample_rate": dpsgd.sample_rate,
+            "steps": dpsgd.steps,
+            "crops_per_case": 1,
+        }
+        name = f"DP-SGD eps={epsilon:g} over the run (sigma={sigma:.3g})"
+        settings.append(Setting(name, protocol.MECHANISM_DPSGD, params, delta=dpsgd.delta))
     return settings
 
 
@@ -152,11 +211,8 @@ def _federated_round(model: torch.nn.Module, study: Study, setting: Setting, rou
     for index, (train_cases, _) in enumerate(study.sites.values()):
         local = build_model(study.model, seed=study.seed)
         local.load_state_dict(base_state)
-        result = train(
-            local,
-            train_cases,
-            _train_config(study, study.seed * 1000 + round_number * 100 + index, study.iterations),
-        )
+        seed = study.seed * 1000 + round_number * 100 + index
+        result = train(local, train_cases, _train_config(study, seed, study.iterations), **_dp(setting, seed))
         per_step = (state_to_flat(local.state_dict()) - base_flat) / result.n_iterations
         indices, values = _protect(setting, per_step, seed=study.seed * 100_000 + round_number * 100 + index)
         updates.append(_Update(indices, values * result.n_iterations, result.n_iterations))
@@ -164,6 +220,16 @@ def _federated_round(model: torch.nn.Module, study: Study, setting: Setting, rou
         base_flat, updates, rule="mean", device=study.device if study.device != "auto" else "auto"
     )
     model.load_state_dict(flat_to_state(next_flat, base_state))
+
+
+def _dp(setting: Setting, seed: int) -> dict:
+    """DP-SGD's training arguments for a DP-SGD setting (seeded: the study must replay; the agent
+    itself always draws fresh OS entropy), else none."""
+    if setting.mechanism != protocol.MECHANISM_DPSGD:
+        return {}
+    from sitesagent.dpsgd import DpSgdConfig
+
+    return {"dp": DpSgdConfig(**setting.params), "generator": torch.Generator().manual_seed(seed)}
 
 
 @dataclass(frozen=True)
@@ -174,8 +240,8 @@ class _Update:
 
 
 def _protect(setting: Setting, per_step: torch.Tensor, *, seed: int):
-    if setting.mechanism == protocol.MECHANISM_NONE:
-        return None, per_step
+    if setting.mechanism in (protocol.MECHANISM_NONE, protocol.MECHANISM_DPSGD):
+        return None, per_step  # DP-SGD's noise went in while training: the delta is post-processing
     if setting.mechanism == protocol.MECHANISM_PARTIAL:
         return partial_share(per_step, **setting.params)
     # A fixed seed makes the study reproducible; the agent itself always draws fresh OS entropy.
@@ -202,20 +268,21 @@ def _evaluate_everywhere(
 
 def markdown_table(outcomes: Sequence[Outcome], rounds: int) -> str:
     lines = [
-        "| configuration | epsilon per round per site | epsilon spent per site | Dice ET | Dice WT | Dice TC | mean Dice |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | epsilon per round per site | epsilon spent per site | delta | Dice ET | Dice WT | Dice TC | mean Dice |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for outcome in outcomes:
-        epsilon = outcome.setting.epsilon_per_round
-        if outcome.setting.mechanism == "centralised":
-            per_round = spent = "n/a (data pooled)"
-        elif epsilon is None:
-            per_round = spent = "no formal guarantee"
+        setting = outcome.setting
+        delta = f"{setting.delta:g}"
+        if setting.mechanism == "centralised":
+            per_round = spent = delta = "n/a (data pooled)"
+        elif setting.event is None:
+            per_round = spent = delta = "no formal guarantee"
         else:
-            per_round, spent = f"{epsilon:g}", f"{epsilon * rounds:g}"
+            per_round, spent = f"{setting.epsilon_per_round:.4g}", f"{setting.epsilon_spent(rounds):.4g}"
         final = outcome.final
         lines.append(
-            f"| {outcome.setting.name} | {per_round} | {spent} | {final['dice_et']:.3f} | {final['dice_wt']:.3f} "
+            f"| {setting.name} | {per_round} | {spent} | {delta} | {final['dice_et']:.3f} | {final['dice_wt']:.3f} "
             f"| {final['dice_tc']:.3f} | {final['dice_mean']:.3f} |"
         )
     return "\n".join(lines)

@@ -244,8 +244,9 @@ class Agent:
                     self.channel.send(task_id, name, task["round_number"], float(scores[name]))
 
         self.client.report(task_id, protocol.TASK_TRAINING, progress=0.0)
-        hooks = _StreamingHooks(self, task_id)
-        result = train(model, self._dataset["train"], config, hooks=hooks, dp=_dp_training(task))
+        dp = _dp_training(task)
+        hooks = _StreamingHooks(self, task_id, stream_steps=dp is None)
+        result = train(model, self._dataset["train"], config, hooks=hooks, dp=dp)
         hooks.close()
 
         base_flat = state_to_flat(base_state)
@@ -309,11 +310,17 @@ def _dp_training(task: dict[str, Any]):
 
 
 class _StreamingHooks:
-    """Training hooks: every step's loss goes to the live channel; progress goes over HTTP, throttled."""
+    """Training hooks: every step's loss goes to the live channel; progress goes over HTTP, throttled.
 
-    def __init__(self, agent: Agent, task_id: int, *, report_every: float = 2.0):
+    Under DP-SGD (``stream_steps`` False) no step's loss or throughput leaves the site: both are
+    computed from the sampled cases without noise, and they would reveal each step's batch size
+    (an empty Poisson batch has no loss), which the accounting assumes hidden. Progress still goes.
+    """
+
+    def __init__(self, agent: Agent, task_id: int, *, stream_steps: bool = True, report_every: float = 2.0):
         self.agent = agent
         self.task_id = task_id
+        self.stream_steps = stream_steps
         self.report_every = report_every
         self._last_report = 0.0
         self._bar: Any = None
@@ -322,9 +329,10 @@ class _StreamingHooks:
         log.info("task %s: %s", self.task_id, name)
 
     def on_step(self, iteration: int, total: int, loss: float, samples_per_second: float) -> None:
-        channel = self.agent.channel
-        channel.send(self.task_id, protocol.METRIC_TRAIN_LOSS, iteration, loss)
-        channel.send(self.task_id, protocol.METRIC_THROUGHPUT, iteration, samples_per_second)
+        if self.stream_steps:
+            channel = self.agent.channel
+            channel.send(self.task_id, protocol.METRIC_TRAIN_LOSS, iteration, loss)
+            channel.send(self.task_id, protocol.METRIC_THROUGHPUT, iteration, samples_per_second)
         self._progress_bar(iteration, total, loss)
         now = time.monotonic()
         if now - self._last_report >= self.report_every or iteration == total:

@@ -173,6 +173,12 @@ def test_a_dpsgd_round_end_to_end_charges_the_same_epsilon_on_both_sides(server,
 
     update = Update.objects.get(task__round=round_, task__site=site)
     assert update.status == "accepted" and update.encoding == "dense" and update.n_iterations == 2
+    # No step's loss or throughput left the site (they would show each step's batch size); the
+    # base model's evaluation did.
+    from coordinator.models import MetricPoint
+
+    names = set(MetricPoint.objects.filter(round=round_).values_list("name", flat=True))
+    assert "dice_mean" in names and not names & {"train_loss", "throughput"}
     saved = json.loads(state_file.read_text())
     assert [release["event"] for release in saved["releases"]] == [round_.dp_event]
     from sitesagent.state import AgentState

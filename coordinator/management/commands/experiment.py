@@ -38,14 +38,22 @@ class Command(BaseCommand):
             help="SVT epsilons per site per round (split as DESIGN section 6)",
         )
         parser.add_argument("--svt-fraction", type=float, default=0.01)
+        parser.add_argument(
+            "--dp-epsilons",
+            default="1,3,8",
+            help="DP-SGD: per-site epsilons over the whole run; the noise is calibrated to each",
+        )
+        parser.add_argument("--dp-sample-rate", type=float, default=0.5, help="DP-SGD: Poisson rate q")
+        parser.add_argument("--dp-clip", type=float, default=1.0, help="DP-SGD: per-case clip norm C")
+        parser.add_argument("--dp-delta", type=float, default=1e-5, help="DP-SGD: delta of the epsilons")
         parser.add_argument("--gamma", type=float, default=1e-3, help="clip bound on the per-step delta")
         parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
         parser.add_argument("--full", action="store_true", help="the BraTS SegResNet (4.7 M parameters)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument(
             "--only",
-            default="centralised,none,partial,svt",
-            help="which kinds of configuration to run (default: all four)",
+            default="centralised,none,partial,svt,dpsgd",
+            help="which kinds of configuration to run (default: all five)",
         )
 
     def handle(self, *args, **options):
@@ -72,12 +80,20 @@ class Command(BaseCommand):
             epsilons=_floats(options["epsilons"]),
             svt_fraction=options["svt_fraction"],
             gamma=options["gamma"],
+            dpsgd=experiment.DpSgdPlan(
+                epsilons=_floats(options["dp_epsilons"]),
+                sample_rate=options["dp_sample_rate"],
+                clip=options["dp_clip"],
+                delta=options["dp_delta"],
+                rounds=options["rounds"],
+                steps=options["iterations"],
+            ),
         )
         kinds = set(options["only"].split(","))
         settings = [setting for setting in settings if setting.mechanism in kinds]
         if not settings:
             raise CommandError(
-                f"--only {options['only']} matches no configuration (centralised, none, partial, svt)"
+                f"--only {options['only']} matches no configuration (centralised, none, partial, svt, dpsgd)"
             )
         self.stdout.write(f"Sites: {experiment.describe_split(study)}")
         outcomes = []
