@@ -13,7 +13,7 @@ from typing import Any
 
 from coordinator import selectors, services
 from coordinator.errors import InvalidInput
-from coordinator.models import Federation
+from coordinator.models import Federation, MembershipStatus
 from sitesagent import protocol
 
 # A per-round epsilon above this bounds an adversary's odds ratio by more than e^10 (22,000):
@@ -91,8 +91,29 @@ def preview(
     memberships = list(federation.memberships.select_related("site"))
     if sites is not None:
         memberships = [m for m in memberships if m.site_id in set(sites)]
-    balances = selectors.balances_for(memberships)
-    return {**summary, "sites": [_site_row(m, balances[m.pk], cost) for m in memberships]}
+    else:
+        memberships = [m for m in memberships if m.status != MembershipStatus.LEFT]
+    balances = selectors.balances_for(m for m in memberships if m.is_active)
+    rows = [_site_row(m, balances[m.pk], cost) if m.is_active else _left_out_row(m) for m in memberships]
+    return {**summary, "sites": rows}
+
+
+def _left_out_row(membership) -> dict[str, Any]:
+    """A site that does not take part (invited, not yet accepted; or left): no arithmetic, a reason."""
+    if membership.status == MembershipStatus.INVITED:
+        reason = f"{membership.site.name} has not accepted the invitation to this federation"
+    else:
+        reason = f"{membership.site.name} left this federation"
+    return {
+        "site": membership.site_id,
+        "name": membership.site.name,
+        "left_out": reason,
+        "epsilon": None,
+        "remaining_before": None,
+        "remaining_after": None,
+        "budget": str(membership.budget_epsilon),
+        "warnings": [f"{reason}: it will be left out."],
+    }
 
 
 def _site_row(membership, balance: selectors.Balance, cost: Decimal | None) -> dict[str, Any]:

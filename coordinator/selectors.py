@@ -8,7 +8,10 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
+from django.db.models import Exists, OuterRef
+
 from coordinator.models import (
+    ACTIVE_MEMBERSHIP,
     Federation,
     LedgerEntry,
     LedgerKind,
@@ -102,9 +105,14 @@ def open_reservations(round_: Round) -> list[LedgerEntry]:
 
 
 def next_task_for(site_id: int) -> Task | None:
-    """The oldest task of this site that still waits for work, in an open round."""
+    """The oldest task of this site that still waits for work, in an open round of a federation
+    the site takes part in (it accepted, and has not left)."""
+    takes_part = Membership.objects.filter(
+        ACTIVE_MEMBERSHIP, site_id=site_id, federation_id=OuterRef("round__federation_id")
+    )
     return (
         Task.objects.filter(
+            Exists(takes_part),
             site_id=site_id,
             state__in=[TaskState.ASSIGNED, TaskState.EVALUATING, TaskState.TRAINING],
             round__state__in=[RoundState.RESERVED, RoundState.TRAINING],

@@ -7,6 +7,8 @@ coordinator.errors with messages a person can act on; nothing is written when th
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import math
 import secrets
@@ -17,18 +19,21 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from coordinator import events, storage, weights
-from coordinator.errors import Conflict, InvalidInput, LaunchRefused, NotAllowed, UpdateRejectedError
+from coordinator.errors import Conflict, InvalidInput, LaunchRefused, TooLarge, UpdateRejectedError
 from coordinator.models import (
+    ACTIVE_MEMBERSHIP,
     EPSILON_QUANTUM,
+    ROUND_OPEN_STATES,
     AuditEvent,
     Federation,
     LedgerEntry,
     LedgerKind,
     Membership,
+    MembershipStatus,
     MetricPoint,
     ModelVersion,
     PersonalToken,
@@ -265,11 +270,13 @@ def membership_add(
     added_by,
     reason: str,
 ) -> Membership:
+    """Invite a site into a federation: it takes part once its admins accept (membership_accept)."""
     reason = _require_reason(reason)
     budget_value = epsilon_from_input("budget", budget)
     with transaction.atomic():
-        if Membership.objects.filter(federation=federation, site=site).exists():
-            raise Conflict(f"{site} is already in {federation}")
+        existing = Membership.objects.filter(federation=federation, site=site).first()
+        if existing is not None:
+            raise Conflict(f"{site} is already {existing.status} in {federation}")
         membership = Membership.objects.create(
             federation=federation,
             site=site,
@@ -277,7 +284,7 @@ def membership_add(
             allows_unprotected_sharing=allows_unprotected_sharing,
         )
         _audit(
-            "membership.added",
+            "membership.invited",
             actor=added_by,
             federation=federation,
             site=site,
@@ -285,7 +292,78 @@ def membership_add(
             budget=str(budget_value),
             allows_unprotected_sharing=allows_unprotected_sharing,
         )
+        _send_membership_event(membership)
     return membership
+
+
+def membership_accept(*, membership: Membership, accepted_by) -> Membership:
+    """The site accepts its invitation: from now on it gets tasks from this federation."""
+    with transaction.atomic():
+        membership = (
+            Membership.objects.select_for_update().select_related("site", "federation").get(pk=membership.pk)
+        )
+        if membership.status != MembershipStatus.INVITED:
+            raise Conflict(f"{membership.site} is already {membership.status} in {membership.federation}")
+        membership.accepted_at = timezone.now()
+        membership.accepted_by = accepted_by
+        membership.save(update_fields=["accepted_at", "accepted_by"])
+        _audit(
+            "membership.accepted", actor=accepted_by, federation=membership.federation, site=membership.site
+        )
+        _send_membership_event(membership)
+    return membership
+
+
+def membership_leave(*, membership: Membership, left_by, reason: str = "") -> Membership:
+    """The site leaves the federation (or declines its invitation): its unfinished tasks there are
+    dropped and their reservations released; its ledger stays, as every ledger does."""
+    with transaction.atomic():
+        membership = (
+            Membership.objects.select_for_update().select_related("site", "federation").get(pk=membership.pk)
+        )
+        if membership.status == MembershipStatus.LEFT:
+            raise Conflict(f"{membership.site} already left {membership.federation}")
+        membership.left_at = timezone.now()
+        membership.save(update_fields=["left_at"])
+        dropped = _drop_open_tasks(membership, reason="the site left the federation")
+        _audit(
+            "membership.left",
+            actor=left_by,
+            federation=membership.federation,
+            site=membership.site,
+            reason=(reason or "").strip(),
+            dropped_tasks=[task.pk for task in dropped],
+        )
+        _send_membership_event(membership)
+        for round_id in {task.round_id for task in dropped}:
+            transaction.on_commit(functools.partial(round_check_completion, round_id=round_id))
+    return membership
+
+
+def _drop_open_tasks(membership: Membership, *, reason: str) -> list[Task]:
+    """Drop the site's unfinished tasks in the federation's open rounds, releasing their epsilon."""
+    tasks = list(
+        Task.objects.select_for_update()
+        .select_related("round", "site")
+        .filter(
+            site=membership.site,
+            round__federation=membership.federation,
+            round__state__in=[RoundState.RESERVED, RoundState.TRAINING],
+            state__in=_TASK_ORDER,
+        )
+    )
+    for task in tasks:
+        _task_drop(task, reason=reason)
+    return tasks
+
+
+def _send_membership_event(membership: Membership) -> None:
+    events.send_on_commit(
+        events.site_scoped_groups(
+            federation_id=membership.federation_id, round_id=None, site_id=membership.site_id
+        ),
+        {"type": "membership.changed", "site": membership.site_id, "status": membership.status},
+    )
 
 
 def budget_set(
@@ -362,6 +440,10 @@ def _exclusion_reason(
 ) -> str | None:
     if membership is None:
         return f"{site} is not a member of this federation"
+    if membership.status == MembershipStatus.INVITED:
+        return f"{site} has not accepted the invitation to this federation"
+    if membership.status == MembershipStatus.LEFT:
+        return f"{site} left this federation"
     if site.is_revoked:
         return f"{site}'s token is revoked"
     if cost is None and not membership.allows_unprotected_sharing:
@@ -404,7 +486,9 @@ def round_launch(
         memberships = {
             m.site_id: m for m in federation.memberships.select_for_update().select_related("site")
         }
-        asked = site_ids if site_ids is not None else sorted(memberships)
+        asked = (
+            site_ids if site_ids is not None else sorted(k for k, m in memberships.items() if not m.left_at)
+        )
         if not asked:
             raise LaunchRefused(f"{federation} has no sites to ask")
         balances = balances_for(memberships.values())
@@ -415,7 +499,7 @@ def round_launch(
             site = membership.site if membership else Site.objects.filter(pk=site_id).first()
             if site is None:
                 raise InvalidInput(f"there is no site with id {site_id}")
-            remaining = balances[membership.pk].remaining if membership else None
+            remaining = balances[membership.pk].remaining if membership and membership.is_active else None
             reason = _exclusion_reason(membership, site, cost, remaining, mechanism)
             if reason:
                 excluded.append(
