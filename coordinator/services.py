@@ -200,29 +200,55 @@ def site_register(*, name: str, registered_by) -> tuple[Site, str]:
     if Site.objects.filter(name=name).exists():
         raise Conflict(f"a site named {name!r} already exists")
     token = _new_secret(protocol.SITE_TOKEN_PREFIX)
+    now = timezone.now()
     with transaction.atomic():
-        site = Site.objects.create(name=name, token_hash=token_hash(token), created_by=registered_by)
+        # token_rotated_at == created_at says "never rotated" (site_token_rotate relies on it).
+        site = Site.objects.create(
+            name=name,
+            token_hash=token_hash(token),
+            created_by=registered_by,
+            created_at=now,
+            token_rotated_at=now,
+        )
         _audit("site.registered", actor=registered_by, site=site)
     return site, token
 
 
 def site_token_rotate(*, site: Site, rotated_by) -> str:
-    """Replace the site's token (the old one stops working at once, and a revoked site is restored)."""
+    """Replace the site's token: the old one stops working at once, its open agent sockets close,
+    and a revoked site is restored.
+
+    Of rotations within TOKEN_ROTATION_INTERVAL_SECONDS of each other, one wins and the others
+    get Conflict: otherwise each would answer with a token that the next had already killed. The
+    check and the write are one conditional UPDATE, so it holds on every database.
+    """
     token = _new_secret(protocol.SITE_TOKEN_PREFIX)
+    now = timezone.now()
+    recent = now - timedelta(seconds=settings.TOKEN_ROTATION_INTERVAL_SECONDS)
     with transaction.atomic():
-        site.token_hash = token_hash(token)
-        site.token_rotated_at = timezone.now()
-        site.revoked_at = None
-        site.save(update_fields=["token_hash", "token_rotated_at", "revoked_at"])
+        rotated = (
+            Site.objects.filter(pk=site.pk)
+            .filter(Q(token_rotated_at__lte=recent) | Q(token_rotated_at=F("created_at")))
+            .update(token_hash=token_hash(token), token_rotated_at=now, revoked_at=None)
+        )
+        if not rotated:
+            raise Conflict(
+                f"{site}'s token was just rotated: the token that rotation returned is the one that "
+                f"works. Rotate again after {settings.TOKEN_ROTATION_INTERVAL_SECONDS} s if it is lost."
+            )
+        site.refresh_from_db(fields=["token_hash", "token_rotated_at", "revoked_at"])
         _audit("site.token_rotated", actor=rotated_by, site=site)
+        events.close_agent_sockets_on_commit(site.pk)
     return token
 
 
 def site_token_revoke(*, site: Site, revoked_by, reason: str = "") -> None:
+    """Stop the site's token at once: HTTP answers 401 and its open agent sockets close."""
     with transaction.atomic():
         site.revoked_at = timezone.now()
         site.save(update_fields=["revoked_at"])
         _audit("site.token_revoked", actor=revoked_by, site=site, reason=reason)
+        events.close_agent_sockets_on_commit(site.pk)
 
 
 def site_admin_add(*, site: Site, user, added_by) -> None:
