@@ -262,19 +262,43 @@ def site_authenticate(token: str) -> Site | None:
     return Site.objects.filter(token_hash=token_hash(token), revoked_at__isnull=True).first()
 
 
-def site_heartbeat(*, site: Site, info: dict | None = None) -> None:
-    """Record that the agent is alive, and what it says about itself (device, cases, data check)."""
-    site.last_seen_at = timezone.now()
+def site_heartbeat(*, site: Site, info: Any = None) -> None:
+    """Record that the agent is alive, and what it says about itself (device, cases, data check).
+
+    ``info`` is merged into what the agent said before; a merged record past AGENT_INFO_MAX_KEYS
+    keys or AGENT_INFO_MAX_BYTES bytes is refused whole (TooLarge), the stored one unchanged.
+    """
     fields = ["last_seen_at"]
     if info:
-        site.agent_info = {**site.agent_info, **info}
+        site.agent_info = _bounded_agent_info({**site.agent_info, **_info_object(info)})
         fields.append("agent_info")
+    site.last_seen_at = timezone.now()
     site.save(update_fields=fields)
+    federations = site.memberships.filter(ACTIVE_MEMBERSHIP).values_list("federation_id", flat=True)
     events.send_now(
-        [events.site_group(site.pk)]
-        + [events.federation_group(f) for f in site.memberships.values_list("federation_id", flat=True)],
+        [events.site_group(site.pk)] + [events.federation_group(f) for f in federations],
         {"type": "site.seen", "site": site.pk, "at": site.last_seen_at.isoformat(), "info": site.agent_info},
     )
+
+
+def _info_object(info: Any) -> dict:
+    if not isinstance(info, dict):
+        raise InvalidInput(f"info must be a JSON object, not {type(info).__name__}")
+    return info
+
+
+def _bounded_agent_info(merged: dict) -> dict:
+    max_keys, max_bytes = settings.AGENT_INFO_MAX_KEYS, settings.AGENT_INFO_MAX_BYTES
+    if len(merged) > max_keys:
+        raise TooLarge(
+            f"agent info may have at most {max_keys} keys; with this heartbeat it has {len(merged)}"
+        )
+    size = len(json.dumps(merged, separators=(",", ":")).encode())
+    if size > max_bytes:
+        raise TooLarge(
+            f"agent info may take at most {max_bytes} bytes as JSON; with this heartbeat it takes {size}"
+        )
+    return merged
 
 
 def personal_token_create(*, user, name: str) -> str:
@@ -951,7 +975,12 @@ def _commit_reservation(task: Task, *, reason: str) -> None:
 
 
 def metrics_record(*, task: Task, points: Any) -> int:
-    """Store metric points an agent sent for its task, and forward them live."""
+    """Store metric points an agent sent for its task, and forward them live.
+
+    Only while the round is open and the task not dropped: an uploaded task's last points may
+    still come from the agent's socket buffer, but a finished round's history is never rewritten.
+    """
+    _check_takes_metrics(task)
     if not isinstance(points, list):
         raise InvalidInput(f"points must be a list of metric points, not {type(points).__name__}")
     if len(points) > protocol.METRIC_POINTS_PER_MESSAGE:
@@ -1009,9 +1038,13 @@ def metrics_record(*, task: Task, points: Any) -> int:
     return len(clean)
 
 
-def assert_site_owns(task: Task, site: Site) -> None:
-    if task.site_id != site.pk:
-        raise NotAllowed("this task belongs to another site")
+def _check_takes_metrics(task: Task) -> None:
+    # Read now, not from ``task``: an agent socket keeps its tasks for its whole life.
+    task_state, round_state = Task.objects.filter(pk=task.pk).values_list("state", "round__state").get()
+    if round_state not in ROUND_OPEN_STATES:
+        raise Conflict(f"round {task.round.number} is {round_state}: it takes no more metrics")
+    if task_state == TaskState.DROPPED:
+        raise Conflict("this task was dropped: it takes no more metrics")
 
 
 # ---------------------------------------------------------------------------------------------
