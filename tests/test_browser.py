@@ -524,9 +524,7 @@ def _build_study(alice, bob, charlie):
     sites = []
     for index, (name, device, cases, speed) in enumerate(SITES):
         site, _ = services.site_register(name=name, registered_by=alice)
-        services.membership_add(
-            federation=federation, site=site, budget=8, added_by=alice, reason="ethics approval"
-        )
+        join(federation, site, budget=8, added_by=alice, accepted_by=alice, reason="ethics approval")
         problems = 1 if index == 3 else 0
         check = {
             "n_cases": cases - problems,
