@@ -118,7 +118,10 @@ def create_round() -> dict[str, Any]:
     alice = get_user_model().objects.create_user("alice", password=secrets.token_urlsafe(16), is_staff=True)
     federation = services.federation_create(name="live metrics", created_by=alice, model_config=TINY_MODEL)
     site, token = services.site_register(name="site 1", registered_by=alice)
-    services.membership_add(federation=federation, site=site, budget=100, added_by=alice, reason="benchmark")
+    membership = services.membership_add(
+        federation=federation, site=site, budget=100, added_by=alice, reason="benchmark"
+    )
+    services.membership_accept(membership=membership, accepted_by=alice)  # alice registered the site
     round_ = services.round_launch(federation=federation, launched_by=alice)
     return {
         "round_id": round_.pk,

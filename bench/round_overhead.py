@@ -138,9 +138,10 @@ def create_federation(user, count: int, model_config: dict) -> Fleet:
     sites = []
     for index in range(count):
         site, token = services.site_register(name=f"site {count}-{index}", registered_by=user)
-        services.membership_add(
+        membership = services.membership_add(
             federation=federation, site=site, budget=1_000_000, added_by=user, reason="benchmark"
         )
+        services.membership_accept(membership=membership, accepted_by=user)  # its registrant
         sites.append((site.pk, token))
     initial = federation.latest_version()
     assert initial is not None  # federation_create stores version 0

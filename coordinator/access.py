@@ -1,11 +1,17 @@
 """Who may see or do what. Every permission decision in views, the API and consumers is made here.
 
 Roles (DESIGN section 2), all per object:
-- coordinator: a user in ``federation.coordinators``: everything in that federation.
+- coordinator: a user in ``federation.coordinators``: everything in that federation, and its sites
+  only through memberships they accepted (an invited site shows as "invited" and its name).
 - site admin: a user in ``site.admins``: that site only (its tasks, metrics, budget, ledger);
-  may lower the site's budget, never raise it.
+  may lower the site's budget, never raise it; accepts or leaves federations for it, and rotates
+  or revokes its token. A site's registrant (who received its first token) keeps those rights
+  only while the site has no admins.
 - auditor: a user in ``federation.auditors``: reads that federation's ledger and audit events.
 - superusers may do everything. A site's agent authenticates as the site, not as a user.
+
+Look-ups by id go through the ``*_for`` functions: whatever the caller may not see answers 404,
+exactly like a missing id, so ids leak nothing; what they may see but not do answers 403.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
+from django.http import Http404
 
-from coordinator.models import Federation, Membership, Round, Site, Task
+from coordinator.models import ACTIVE_MEMBERSHIP, Federation, Membership, ModelVersion, Round, Site, Task
 
 
 def _is_user(user: Any) -> bool:
@@ -37,7 +45,13 @@ def federations_visible_to(user: Any) -> QuerySet[Federation]:
     if not _is_user(user):
         return Federation.objects.none()
     return Federation.objects.filter(
-        Q(coordinators=user) | Q(auditors=user) | Q(memberships__site__admins=user)
+        Q(coordinators=user)
+        | Q(auditors=user)
+        | Q(
+            memberships__site__admins=user,
+            memberships__accepted_at__isnull=False,
+            memberships__left_at__isnull=True,
+        )
     ).distinct()
 
 
@@ -75,11 +89,12 @@ def sites_visible_to(user: Any) -> QuerySet[Site]:
         return Site.objects.all()
     if not _is_user(user):
         return Site.objects.none()
+    active = Q(memberships__accepted_at__isnull=False, memberships__left_at__isnull=True)
     return Site.objects.filter(
-        Q(created_by=user)
+        Q(created_by=user, admins__isnull=True)  # the registrant stands in until it has admins
         | Q(admins=user)
-        | Q(memberships__federation__coordinators=user)
-        | Q(memberships__federation__auditors=user)
+        | (active & Q(memberships__federation__coordinators=user))
+        | (active & Q(memberships__federation__auditors=user))
     ).distinct()
 
 
@@ -88,12 +103,17 @@ def can_view_site(user: Any, site: Site) -> bool:
 
 
 def can_manage_site(user: Any, site: Site) -> bool:
-    """Rotate or revoke its token, add it to a federation: whoever registered it or coordinates it."""
+    """Act for the site: rotate or revoke its token, accept or leave a federation.
+
+    Its admins; its registrant (who received its first token) only while it has no admins;
+    never a federation's coordinator as such.
+    """
     if _is_superuser(user):
         return True
     if not _is_user(user):
         return False
-    return site.created_by_id == user.pk or site.memberships.filter(federation__coordinators=user).exists()
+    admins = site.admins.values_list("pk", flat=True)
+    return user.pk in admins if admins else site.created_by_id == user.pk
 
 
 def can_register_site(user: Any) -> bool:
@@ -103,7 +123,7 @@ def can_register_site(user: Any) -> bool:
 
 
 def can_view_membership(user: Any, membership: Membership) -> bool:
-    return can_read_audit(user, membership.federation) or is_site_admin(user, membership.site)
+    return can_read_audit(user, membership.federation) or can_manage_site(user, membership.site)
 
 
 def memberships_visible_to(user: Any, federation: Federation) -> QuerySet[Membership]:
@@ -144,6 +164,13 @@ def tasks_visible_to(user: Any, round_: Round) -> QuerySet[Task]:
     return tasks.filter(site__admins=user)
 
 
+def excluded_sites_visible_to(user: Any, round_: Round) -> list[dict[str, Any]]:
+    """The round's left-out sites with their reasons: these name balances, so a site admin sees
+    only their own sites' entries."""
+    site_ids = site_ids_visible_in(user, round_.federation)
+    return [e for e in round_.excluded_sites if site_ids is None or e.get("site") in site_ids]
+
+
 def site_ids_visible_in(user: Any, federation: Federation) -> set[int] | None:
     """The sites whose data ``user`` may see in ``federation``: None means all of them."""
     if can_read_audit(user, federation):
@@ -168,3 +195,90 @@ def navigation(request: Any) -> dict[str, Any]:
             "can_register_site": can_register_site(user),
         }
     }
+
+
+# --- Look-ups by id: 404 for what the caller may not see, 403 for what they may not do ---------
+
+
+def _refuse_unless(allowed: bool, message: str) -> None:
+    if not allowed:
+        raise PermissionDenied(message)
+
+
+def federation_for(user: Any, pk: int, *, need: str = "view") -> Federation:
+    """``need``: "view", "coordinate" (launch, add sites), or "audit" (the audit log)."""
+    federation = federations_visible_to(user).filter(pk=pk).first()
+    if federation is None:
+        raise Http404
+    if need == "coordinate":
+        _refuse_unless(can_coordinate(user, federation), "only the federation's coordinators may do this")
+    elif need == "audit":
+        _refuse_unless(
+            can_read_audit(user, federation), "only coordinators and auditors may read the audit log"
+        )
+    return federation
+
+
+def site_for(user: Any, pk: int, *, need: str = "view") -> Site:
+    """``need``: "view", or "manage" (act for the site: its token, its memberships)."""
+    site = sites_visible_to(user).filter(pk=pk).first()
+    if site is None:
+        raise Http404
+    if need == "manage":
+        _refuse_unless(
+            can_manage_site(user, site),
+            "only the site's admins may do this (its registrant, while it has no admins)",
+        )
+    return site
+
+
+def round_for(user: Any, pk: int, *, need: str = "view") -> Round:
+    """``need``: "view", or "coordinate" (abort)."""
+    round_ = Round.objects.select_related("federation", "base_version", "launched_by").filter(pk=pk).first()
+    if round_ is None or not can_view_round(user, round_):
+        raise Http404
+    if need == "coordinate":
+        _refuse_unless(
+            can_coordinate(user, round_.federation), "only the federation's coordinators may do this"
+        )
+    return round_
+
+
+def membership_for(user: Any, pk: int, *, need: str = "view") -> Membership:
+    """``need``: "view", or "manage" (accept or leave, for the site)."""
+    membership = Membership.objects.select_related("site", "federation").filter(pk=pk).first()
+    if membership is None or not can_view_membership(user, membership):
+        raise Http404
+    if need == "manage":
+        _refuse_unless(
+            can_manage_site(user, membership.site),
+            "only the site's admins may accept or leave a federation for it",
+        )
+    return membership
+
+
+def task_for_site(site: Site, pk: int) -> Task:
+    """One of ``site``'s own tasks; another site's answers 404 like a missing one."""
+    task = (
+        Task.objects.select_related("round__federation", "round__base_version", "site")
+        .filter(pk=pk, site=site)
+        .first()
+    )
+    if task is None:
+        raise Http404
+    return task
+
+
+def version_for(principal: Any, pk: int) -> ModelVersion:
+    """A model version, for people who may see its federation and for the agents of the sites
+    that take part in it (an accepted membership)."""
+    version = ModelVersion.objects.select_related("federation").filter(pk=pk).first()
+    if version is None:
+        raise Http404
+    if getattr(principal, "is_site_agent", False):
+        allowed = version.federation.memberships.filter(ACTIVE_MEMBERSHIP, site=principal.site).exists()
+    else:
+        allowed = can_view_federation(principal, version.federation)
+    if not allowed:
+        raise Http404
+    return version

@@ -21,7 +21,15 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from coordinator.errors import InvalidInput
-from coordinator.models import EPSILON_QUANTUM, LedgerEntry, LedgerKind, Membership, Round, Site
+from coordinator.models import (
+    EPSILON_QUANTUM,
+    LedgerEntry,
+    LedgerKind,
+    Membership,
+    MembershipStatus,
+    Round,
+    Site,
+)
 from sitesagent import accountant, protocol
 
 ZERO = Decimal(0)
@@ -242,6 +250,10 @@ def participation_refusal(
     """
     if membership is None:
         return f"{site} is not a member of this federation"
+    if membership.status == MembershipStatus.INVITED:
+        return f"{site} has not accepted the invitation to this federation"
+    if membership.status == MembershipStatus.LEFT:
+        return f"{site} left this federation"
     if site.is_revoked:
         return f"{site}'s token is revoked"
     if not cost.has_guarantee:

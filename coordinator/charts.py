@@ -3,6 +3,11 @@
 Pages embed a figure with ``json_script`` and plotly.js (served from static/) draws it; live
 pages then extend its traces with the points that websocket messages carry. Traces of per-site
 series carry ``meta = {"site": id, "metric": name}`` so the browser can find the one to extend.
+
+plotly reads trace names, hover templates and axis labels as markup (``<a href>``, ``<b>``...),
+and site names are chosen by whoever registers a site: every name from data goes through
+``plain`` so that it is drawn as the text it is (static/js/charts.js does the same for traces
+added live).
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ DICE_COLOURS = {"dice_et": "#D55E00", "dice_wt": "#0072B2", "dice_tc": "#009E73"
 BUDGET_COLOURS = {"committed": "#D55E00", "reserved": "#E69F00", "remaining": "#009E73"}
 
 Figure = dict[str, Any]
+
+
+def plain(text: Any) -> str:
+    """``text`` as plotly shows it literally: its markup characters as entities."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _layout(title: str, *, x: str, y: str, **extra: Any) -> dict[str, Any]:
@@ -137,7 +147,7 @@ def dice_heatmap(points: Iterable[Mapping[str, Any]], *, metric: str = "dice_mea
             {
                 "type": "heatmap",
                 "x": rounds,
-                "y": sites,
+                "y": [plain(site) for site in sites],
                 "z": z,
                 "zmin": 0,
                 "zmax": 1,
@@ -192,16 +202,16 @@ def epsilon_spent(commits: Iterable[Mapping[str, Any]]) -> Figure:
         line["y"].append(float(totals[site]))
     traces = []
     for index, site in enumerate(sorted(lines)):
-        colour = PALETTE[index % len(PALETTE)]
+        colour, label = PALETTE[index % len(PALETTE)], plain(site)
         traces.append(
             {
                 "type": "scatter",
                 "mode": "lines+markers",
-                "name": site,
+                "name": label,
                 "x": lines[site]["x"],
                 "y": lines[site]["y"],
                 "line": {"color": colour, "shape": "hv"},
-                "hovertemplate": f"{site}<br>after round %{{x}}: ε = %{{y:.4g}}<extra></extra>",
+                "hovertemplate": f"{label}<br>after round %{{x}}: ε = %{{y:.4g}}<extra></extra>",
             }
         )
         if site in unprotected:
@@ -209,11 +219,11 @@ def epsilon_spent(commits: Iterable[Mapping[str, Any]]) -> Figure:
                 {
                     "type": "scatter",
                     "mode": "markers",
-                    "name": f"{site}: no formal guarantee",
+                    "name": f"{label}: no formal guarantee",
                     "x": unprotected[site]["x"],
                     "y": unprotected[site]["y"],
                     "marker": {"symbol": "x", "size": 11, "color": colour},
-                    "hovertemplate": f"{site}<br>round %{{x}}: no formal guarantee<extra></extra>",
+                    "hovertemplate": f"{label}<br>round %{{x}}: no formal guarantee<extra></extra>",
                 }
             )
     figure = {
@@ -230,7 +240,7 @@ def epsilon_spent(commits: Iterable[Mapping[str, Any]]) -> Figure:
 def budget_bars(rows: Iterable[Mapping[str, Any]]) -> Figure:
     """Stacked bars per site: committed, reserved and remaining epsilon (together the budget)."""
     rows = list(rows)
-    sites = [row["site"] for row in rows]
+    sites = [plain(row["site"]) for row in rows]
     traces = []
     for part in ("committed", "reserved", "remaining"):
         traces.append(
@@ -271,17 +281,17 @@ def site_series(series: Iterable[Mapping[str, Any]], *, metric: str, title: str,
     """
     traces = []
     for index, one in enumerate(series):
-        points = sorted(one["points"])
+        points, label = sorted(one["points"]), plain(one["site"])
         traces.append(
             {
                 "type": "scatter",
                 "mode": "lines",
-                "name": one["site"],
+                "name": label,
                 "x": [step for step, _ in points],
                 "y": [value for _, value in points],
                 "line": {"color": PALETTE[index % len(PALETTE)], "width": 2},
                 "meta": {"site": one["site_id"], "metric": metric},
-                "hovertemplate": f"{one['site']}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
+                "hovertemplate": f"{label}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
             }
         )
     return {"data": traces, "layout": _layout(title, x="training step", y=y, height=340)}

@@ -6,6 +6,9 @@ coordinators and auditors; a round page joins ``round-<id>``. A site admin joins
 Agents (site token in the Authorization header): join their site's group to hear of new tasks,
 and send live metrics, which are stored and forwarded like the HTTP ones. Refusals close with
 4403 (no access), 4401 (no valid token), or 4429 (too many failed tokens from this address).
+An agent socket whose token is revoked or rotated closes with 4401 as soon as the change commits
+(its ``agent-<site id>`` group is told), and checks its token again before it stores anything,
+so a message racing the close is refused too; reconnecting with that token is refused with 4401.
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import json
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.http import Http404
 
 from coordinator import access, events, ratelimit, services, throttle
 from coordinator.errors import ServiceError
-from coordinator.models import Federation, Round, Site, Task
+from coordinator.models import Site, Task, token_hash
+
+NO_ACCESS = 4403
+NO_VALID_TOKEN = 4401
+TOO_MANY_FAILURES = 4429
 
 
 class _ForwardingConsumer(AsyncJsonWebsocketConsumer):
@@ -43,8 +51,9 @@ class _ForwardingConsumer(AsyncJsonWebsocketConsumer):
 
 @database_sync_to_async
 def _federation_groups(user, federation_id: int) -> list[str] | None:
-    federation = Federation.objects.filter(pk=federation_id).first()
-    if federation is None or not access.can_view_federation(user, federation):
+    try:
+        federation = access.federation_for(user, federation_id)
+    except Http404:
         return None
     site_ids = access.site_ids_visible_in(user, federation)
     if site_ids is None:
@@ -54,8 +63,9 @@ def _federation_groups(user, federation_id: int) -> list[str] | None:
 
 @database_sync_to_async
 def _round_groups(user, round_id: int) -> list[str] | None:
-    round_ = Round.objects.select_related("federation").filter(pk=round_id).first()
-    if round_ is None or not access.can_view_round(user, round_):
+    try:
+        round_ = access.round_for(user, round_id)
+    except Http404:
         return None
     site_ids = access.site_ids_visible_in(user, round_.federation)
     if site_ids is None:
@@ -69,7 +79,7 @@ class FederationConsumer(_ForwardingConsumer):
             self.scope.get("user"), self.scope["url_route"]["kwargs"]["federation_id"]
         )
         if groups is None:
-            await self.close(code=4403)
+            await self.close(code=NO_ACCESS)
             return
         await self.join(groups)
         await self.accept()
@@ -80,7 +90,7 @@ class RoundConsumer(_ForwardingConsumer):
         round_id = self.scope["url_route"]["kwargs"]["round_id"]
         groups = await _round_groups(self.scope.get("user"), round_id)
         if groups is None:
-            await self.close(code=4403)
+            await self.close(code=NO_ACCESS)
             return
         if not groups[0].startswith("round-"):
             self.only_round = round_id
@@ -97,9 +107,9 @@ def _bearer_token(scope) -> str | None:
 
 
 @database_sync_to_async
-def _agent_site(scope) -> Site | None:
-    """The site whose token the socket carries; RateLimited once its address failed too often."""
-    token = _bearer_token(scope)
+def _agent_site(token: str | None, scope) -> Site | None:
+    """The site whose token the socket carries. An unknown token raises RateLimited once its
+    address failed too often; a valid one is never refused (coordinator.ratelimit)."""
     if not token:
         return None
     limits = ratelimit.token_limits(ratelimit.socket_client_address(scope))
@@ -107,12 +117,16 @@ def _agent_site(scope) -> Site | None:
 
 
 @database_sync_to_async
+def _token_still_valid(site_id: int, digest: str) -> bool:
+    return Site.objects.filter(pk=site_id, token_hash=digest, revoked_at__isnull=True).exists()
+
+
+@database_sync_to_async
 def _owned_task(site, task_id: int) -> Task:
-    task = Task.objects.select_related("round", "site").filter(pk=task_id).first()
-    if task is None:
-        raise ServiceError(f"there is no task {task_id}")
-    services.assert_site_owns(task, site)
-    return task
+    try:
+        return access.task_for_site(site, task_id)
+    except Http404:
+        raise ServiceError(f"this site has no task {task_id}") from None
 
 
 class AgentConsumer(_ForwardingConsumer):
@@ -124,18 +138,25 @@ class AgentConsumer(_ForwardingConsumer):
         self.metrics_bucket = throttle.metrics_bucket()
 
     async def connect(self):
+        token = _bearer_token(self.scope)
         try:
-            self.site = await _agent_site(self.scope)
+            self.site = await _agent_site(token, self.scope)
         except ratelimit.RateLimited:
-            await self.close(code=4429)
+            await self.close(code=TOO_MANY_FAILURES)
             return
-        if self.site is None:
-            await self.close(code=4401)
+        if self.site is None or token is None:
+            await self.close(code=NO_VALID_TOKEN)
             return
+        self.token_digest = token_hash(token)
         self.tasks: dict[int, Task] = {}
-        await self.join([events.site_group(self.site.pk)])
+        await self.join([events.site_group(self.site.pk), events.agent_group(self.site.pk)])
         await self.accept()
         await database_sync_to_async(services.site_heartbeat)(site=self.site)
+
+    async def token_changed(self, message):
+        """The site's token was revoked or rotated: close unless this socket's token still works."""
+        if not await _token_still_valid(self.site.pk, self.token_digest):
+            await self.close(code=NO_VALID_TOKEN)
 
     async def event_forward(self, message):
         # An agent needs only to hear that work is waiting; it fetches the rest over HTTP.
@@ -168,6 +189,9 @@ class AgentConsumer(_ForwardingConsumer):
     async def receive_json(self, content, **kwargs):
         if content.get("type") != "metrics":
             await self.send_json({"type": "error", "error": f"unknown message type {content.get('type')!r}"})
+            return
+        if not await _token_still_valid(self.site.pk, self.token_digest):
+            await self.close(code=NO_VALID_TOKEN)
             return
         try:
             task = await self._task(int(content.get("task", 0)))

@@ -30,5 +30,9 @@ class UpdateRejectedError(ServiceError):
     status_code = 422
 
 
+class TooLarge(ServiceError):
+    status_code = 413
+
+
 class TooManyRequests(ServiceError):
     status_code = 429

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ class Setting:
 
     name: str
     mechanism: str  # "centralised", or a protocol mechanism
-    params: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     delta: float = 0.0  # the delta its epsilons are stated at (0: pure DP)
 
     @property
@@ -153,20 +154,24 @@ def default_settings(
         split = protocol.svt_split(epsilon, fraction=svt_fraction, n_parameters=n_parameters)
         params = {"fraction": svt_fraction, "gamma": gamma, "tau": gamma / 10, **split}
         settings.append(Setting(f"SVT eps={epsilon:g}", protocol.MECHANISM_SVT, params))
-    for epsilon in dpsgd.epsilons if dpsgd else ():
-        sigma = calibrated_noise(
-            epsilon, sample_rate=dpsgd.sample_rate, steps=dpsgd.steps, rounds=dpsgd.rounds, delta=dpsgd.delta
-        )
-        params = {
-            "noise_multiplier": sigma,
-            "max_grad_norm": dpsgd.clip,
-            "sample_rate": dpsgd.sample_rate,
-            "steps": dpsgd.steps,
-            "crops_per_case": 1,
-        }
-        name = f"DP-SGD eps={epsilon:g} over the run (sigma={sigma:.3g})"
-        settings.append(Setting(name, protocol.MECHANISM_DPSGD, params, delta=dpsgd.delta))
+    if dpsgd is not None:
+        settings += [_dpsgd_setting(epsilon, dpsgd) for epsilon in dpsgd.epsilons]
     return settings
+
+
+def _dpsgd_setting(epsilon: float, plan: DpSgdPlan) -> Setting:
+    sigma = calibrated_noise(
+        epsilon, sample_rate=plan.sample_rate, steps=plan.steps, rounds=plan.rounds, delta=plan.delta
+    )
+    params = {
+        "noise_multiplier": sigma,
+        "max_grad_norm": plan.clip,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.steps,
+        "crops_per_case": 1,
+    }
+    name = f"DP-SGD eps={epsilon:g} over the run (sigma={sigma:.3g})"
+    return Setting(name, protocol.MECHANISM_DPSGD, params, delta=plan.delta)
 
 
 def run(study: Study, setting: Setting, on_progress: Callable[[str], None] = print) -> Outcome:

@@ -130,11 +130,21 @@ class Site(models.Model):
         return (timezone.now() - self.last_seen_at).total_seconds() < settings.SITE_ONLINE_SECONDS
 
 
+class MembershipStatus(models.TextChoices):
+    INVITED = "invited"
+    ACCEPTED = "accepted"
+    LEFT = "left"
+
+
 class Membership(models.Model):
     """A site in a federation, with its privacy budget: epsilon over all rounds, at budget_delta.
 
     The accountant (coordinator.accounting) composes the site's DP events at budget_delta; the
     composed epsilon may never pass budget_epsilon. Delta 0 means pure DP (SVT rounds only).
+
+    A coordinator's adding a site is an invitation; the site takes part (gets tasks, has epsilon
+    reserved) only once its admins accept it, and until it leaves. A membership is never deleted:
+    its ledger stays with it.
     """
 
     federation = models.ForeignKey(Federation, on_delete=models.PROTECT, related_name="memberships")
@@ -143,12 +153,32 @@ class Membership(models.Model):
     budget_delta = models.FloatField(default=DEFAULT_BUDGET_DELTA)
     allows_unprotected_sharing = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    left_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["federation", "site"], name="one_membership_per_site")]
 
     def __str__(self) -> str:
         return f"{self.site} in {self.federation}"
+
+    @property
+    def status(self) -> MembershipStatus:
+        if self.left_at is not None:
+            return MembershipStatus.LEFT
+        return MembershipStatus.INVITED if self.accepted_at is None else MembershipStatus.ACCEPTED
+
+    @property
+    def is_active(self) -> bool:
+        """Accepted and not left: the site takes part in this federation's rounds."""
+        return self.status == MembershipStatus.ACCEPTED
+
+
+# Memberships through which a site takes part (a filter on Membership).
+ACTIVE_MEMBERSHIP = models.Q(accepted_at__isnull=False, left_at__isnull=True)
 
 
 class ModelVersion(models.Model):

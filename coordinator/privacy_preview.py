@@ -13,7 +13,7 @@ from typing import Any
 
 from coordinator import accounting
 from coordinator.errors import InvalidInput, LaunchRefused
-from coordinator.models import Federation, Membership
+from coordinator.models import Federation, Membership, MembershipStatus
 from sitesagent import protocol
 from sitesagent.model import count_parameters, preset
 
@@ -107,8 +107,13 @@ def preview(
     memberships = list(federation.memberships.select_related("site"))
     if sites is not None:
         memberships = [m for m in memberships if m.site_id in set(sites)]
-    balances = accounting.balances_for(memberships)
-    rows = [_site_row(m, balances[m.pk], cost, max(1, rounds)) for m in memberships]
+    else:
+        memberships = [m for m in memberships if m.status != MembershipStatus.LEFT]
+    balances = accounting.balances_for(m for m in memberships if m.is_active)
+    rows = [
+        _site_row(m, balances[m.pk], cost, max(1, rounds)) if m.is_active else _left_out_row(m)
+        for m in memberships
+    ]
     if mechanism == protocol.MECHANISM_DPSGD and any(row.get("mostly_noise") for row in rows):
         summary["mostly_noise"] = True
     return {
@@ -119,6 +124,24 @@ def preview(
         "delta": federation.budget_delta,
         "accountant": accounting.accountant.accountant_name(),
         "sites": rows,
+    }
+
+
+def _left_out_row(membership: Membership) -> dict[str, Any]:
+    """A site that does not take part (invited, not yet accepted; or left): no arithmetic, a reason."""
+    if membership.status == MembershipStatus.INVITED:
+        reason = f"{membership.site.name} has not accepted the invitation to this federation"
+    else:
+        reason = f"{membership.site.name} left this federation"
+    return {
+        "site": membership.site_id,
+        "name": membership.site.name,
+        "left_out": reason,
+        "epsilon": None,
+        "remaining_before": None,
+        "remaining_after": None,
+        "budget": str(membership.budget_epsilon),
+        "warnings": [f"{reason}: it will be left out."],
     }
 
 

@@ -2,10 +2,14 @@
 lookups per client address.
 
 Failures are counted in the shared cache (Redis), so a limit holds across web processes. A count
-runs in a window that its first failure opens; once it holds ``attempts`` failures, callers refuse
-without checking the credential until the window ends. Successes are never counted. Keys carry a
-hash of the address or username, never the value. ``window_count`` is the counting itself, which
-coordinator.throttle also uses for metrics requests.
+runs in a window that its first failure opens; once it holds ``attempts`` failures, sign-ins are
+refused without checking the password until the window ends. Bearer tokens are different: a token
+is 256 random bits, so guessing one is hopeless and there is nothing to slow down, while refusing
+valid ones would let anyone behind a shared address lock every hospital there out. So a token is
+always looked up first; one that authenticates is never counted and never refused, and only
+unknown or revoked tokens count and get refused (``guard``). Successes are never counted. Keys
+carry a hash of the address or username, never the value. ``window_count`` is the counting
+itself, which coordinator.throttle also uses for metrics requests.
 
 With Redis unreachable the limits lapse (logged) rather than fail every request: Redis is down
 for Celery and the live channels too, and agents must still reach the coordinator over HTTP
@@ -138,10 +142,11 @@ def window_count(key: str, seconds: int) -> int:
 
 
 def guard(limits: Sequence[Limit], attempt: Callable[[], T | None]) -> T | None:
-    """``attempt()``, unless a limit is used up (RateLimited); a None result counts as a failure."""
-    check(limits)
+    """``attempt()``'s result when it succeeds, whatever other clients failed. A None result
+    (a failure) raises RateLimited when a limit is used up, and is counted otherwise."""
     result = attempt()
     if result is None:
+        check(limits)
         failure_record(limits)
     return result
 

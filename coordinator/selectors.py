@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import Exists, OuterRef
+
 from coordinator.models import (
+    ACTIVE_MEMBERSHIP,
     Federation,
+    Membership,
     MetricPoint,
     Round,
     RoundState,
@@ -17,9 +21,14 @@ from sitesagent import protocol
 
 
 def next_task_for(site_id: int) -> Task | None:
-    """The oldest task of this site that still waits for work, in an open round."""
+    """The oldest task of this site that still waits for work, in an open round of a federation
+    the site takes part in (it accepted, and has not left)."""
+    takes_part = Membership.objects.filter(
+        ACTIVE_MEMBERSHIP, site_id=site_id, federation_id=OuterRef("round__federation_id")
+    )
     return (
         Task.objects.filter(
+            Exists(takes_part),
             site_id=site_id,
             state__in=[TaskState.ASSIGNED, TaskState.EVALUATING, TaskState.TRAINING],
             round__state__in=[RoundState.RESERVED, RoundState.TRAINING],

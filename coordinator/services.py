@@ -7,6 +7,8 @@ coordinator.errors with messages a person can act on; nothing is written when th
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import math
 import secrets
@@ -16,7 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from coordinator import events, storage, weights
@@ -30,14 +32,17 @@ from coordinator.accounting import (
     round_cost,
     show,
 )
-from coordinator.errors import Conflict, InvalidInput, LaunchRefused, NotAllowed, UpdateRejectedError
+from coordinator.errors import Conflict, InvalidInput, LaunchRefused, TooLarge, UpdateRejectedError
 from coordinator.models import (
+    ACTIVE_MEMBERSHIP,
     DEFAULT_BUDGET_DELTA,
+    ROUND_OPEN_STATES,
     AuditEvent,
     Federation,
     LedgerEntry,
     LedgerKind,
     Membership,
+    MembershipStatus,
     MetricPoint,
     ModelVersion,
     PersonalToken,
@@ -182,29 +187,55 @@ def site_register(*, name: str, registered_by) -> tuple[Site, str]:
     if Site.objects.filter(name=name).exists():
         raise Conflict(f"a site named {name!r} already exists")
     token = _new_secret(protocol.SITE_TOKEN_PREFIX)
+    now = timezone.now()
     with transaction.atomic():
-        site = Site.objects.create(name=name, token_hash=token_hash(token), created_by=registered_by)
+        # token_rotated_at == created_at says "never rotated" (site_token_rotate relies on it).
+        site = Site.objects.create(
+            name=name,
+            token_hash=token_hash(token),
+            created_by=registered_by,
+            created_at=now,
+            token_rotated_at=now,
+        )
         _audit("site.registered", actor=registered_by, site=site)
     return site, token
 
 
 def site_token_rotate(*, site: Site, rotated_by) -> str:
-    """Replace the site's token (the old one stops working at once, and a revoked site is restored)."""
+    """Replace the site's token: the old one stops working at once, its open agent sockets close,
+    and a revoked site is restored.
+
+    Of rotations within TOKEN_ROTATION_INTERVAL_SECONDS of each other, one wins and the others
+    get Conflict: otherwise each would answer with a token that the next had already killed. The
+    check and the write are one conditional UPDATE, so it holds on every database.
+    """
     token = _new_secret(protocol.SITE_TOKEN_PREFIX)
+    now = timezone.now()
+    recent = now - timedelta(seconds=settings.TOKEN_ROTATION_INTERVAL_SECONDS)
     with transaction.atomic():
-        site.token_hash = token_hash(token)
-        site.token_rotated_at = timezone.now()
-        site.revoked_at = None
-        site.save(update_fields=["token_hash", "token_rotated_at", "revoked_at"])
+        rotated = (
+            Site.objects.filter(pk=site.pk)
+            .filter(Q(token_rotated_at__lte=recent) | Q(token_rotated_at=F("created_at")))
+            .update(token_hash=token_hash(token), token_rotated_at=now, revoked_at=None)
+        )
+        if not rotated:
+            raise Conflict(
+                f"{site}'s token was just rotated: the token that rotation returned is the one that "
+                f"works. Rotate again after {settings.TOKEN_ROTATION_INTERVAL_SECONDS} s if it is lost."
+            )
+        site.refresh_from_db(fields=["token_hash", "token_rotated_at", "revoked_at"])
         _audit("site.token_rotated", actor=rotated_by, site=site)
+        events.close_agent_sockets_on_commit(site.pk)
     return token
 
 
 def site_token_revoke(*, site: Site, revoked_by, reason: str = "") -> None:
+    """Stop the site's token at once: HTTP answers 401 and its open agent sockets close."""
     with transaction.atomic():
         site.revoked_at = timezone.now()
         site.save(update_fields=["revoked_at"])
         _audit("site.token_revoked", actor=revoked_by, site=site, reason=reason)
+        events.close_agent_sockets_on_commit(site.pk)
 
 
 def site_admin_add(*, site: Site, user, added_by) -> None:
@@ -218,19 +249,43 @@ def site_authenticate(token: str) -> Site | None:
     return Site.objects.filter(token_hash=token_hash(token), revoked_at__isnull=True).first()
 
 
-def site_heartbeat(*, site: Site, info: dict | None = None) -> None:
-    """Record that the agent is alive, and what it says about itself (device, cases, data check)."""
-    site.last_seen_at = timezone.now()
+def site_heartbeat(*, site: Site, info: Any = None) -> None:
+    """Record that the agent is alive, and what it says about itself (device, cases, data check).
+
+    ``info`` is merged into what the agent said before; a merged record past AGENT_INFO_MAX_KEYS
+    keys or AGENT_INFO_MAX_BYTES bytes is refused whole (TooLarge), the stored one unchanged.
+    """
     fields = ["last_seen_at"]
     if info:
-        site.agent_info = {**site.agent_info, **info}
+        site.agent_info = _bounded_agent_info({**site.agent_info, **_info_object(info)})
         fields.append("agent_info")
+    site.last_seen_at = timezone.now()
     site.save(update_fields=fields)
+    federations = site.memberships.filter(ACTIVE_MEMBERSHIP).values_list("federation_id", flat=True)
     events.send_now(
-        [events.site_group(site.pk)]
-        + [events.federation_group(f) for f in site.memberships.values_list("federation_id", flat=True)],
+        [events.site_group(site.pk)] + [events.federation_group(f) for f in federations],
         {"type": "site.seen", "site": site.pk, "at": site.last_seen_at.isoformat(), "info": site.agent_info},
     )
+
+
+def _info_object(info: Any) -> dict:
+    if not isinstance(info, dict):
+        raise InvalidInput(f"info must be a JSON object, not {type(info).__name__}")
+    return info
+
+
+def _bounded_agent_info(merged: dict) -> dict:
+    max_keys, max_bytes = settings.AGENT_INFO_MAX_KEYS, settings.AGENT_INFO_MAX_BYTES
+    if len(merged) > max_keys:
+        raise TooLarge(
+            f"agent info may have at most {max_keys} keys; with this heartbeat it has {len(merged)}"
+        )
+    size = len(json.dumps(merged, separators=(",", ":")).encode())
+    if size > max_bytes:
+        raise TooLarge(
+            f"agent info may take at most {max_bytes} bytes as JSON; with this heartbeat it takes {size}"
+        )
+    return merged
 
 
 def personal_token_create(*, user, name: str) -> str:
@@ -253,15 +308,17 @@ def membership_add(
     reason: str,
     budget_delta: Any = None,
 ) -> Membership:
-    """Add a site with a budget of (budget, budget_delta); the delta defaults to the federation's."""
+    """Invite a site with a budget of (budget, budget_delta), the delta by default the
+    federation's: it takes part once its admins accept (membership_accept)."""
     reason = _require_reason(reason)
     budget_value = epsilon_from_input("budget", budget)
     delta = (
         federation.budget_delta if budget_delta is None else delta_from_input("budget_delta", budget_delta)
     )
     with transaction.atomic():
-        if Membership.objects.filter(federation=federation, site=site).exists():
-            raise Conflict(f"{site} is already in {federation}")
+        existing = Membership.objects.filter(federation=federation, site=site).first()
+        if existing is not None:
+            raise Conflict(f"{site} is already {existing.status} in {federation}")
         membership = Membership.objects.create(
             federation=federation,
             site=site,
@@ -270,7 +327,7 @@ def membership_add(
             allows_unprotected_sharing=allows_unprotected_sharing,
         )
         _audit(
-            "membership.added",
+            "membership.invited",
             actor=added_by,
             federation=federation,
             site=site,
@@ -279,7 +336,78 @@ def membership_add(
             delta=delta,
             allows_unprotected_sharing=allows_unprotected_sharing,
         )
+        _send_membership_event(membership)
     return membership
+
+
+def membership_accept(*, membership: Membership, accepted_by) -> Membership:
+    """The site accepts its invitation: from now on it gets tasks from this federation."""
+    with transaction.atomic():
+        membership = (
+            Membership.objects.select_for_update().select_related("site", "federation").get(pk=membership.pk)
+        )
+        if membership.status != MembershipStatus.INVITED:
+            raise Conflict(f"{membership.site} is already {membership.status} in {membership.federation}")
+        membership.accepted_at = timezone.now()
+        membership.accepted_by = accepted_by
+        membership.save(update_fields=["accepted_at", "accepted_by"])
+        _audit(
+            "membership.accepted", actor=accepted_by, federation=membership.federation, site=membership.site
+        )
+        _send_membership_event(membership)
+    return membership
+
+
+def membership_leave(*, membership: Membership, left_by, reason: str = "") -> Membership:
+    """The site leaves the federation (or declines its invitation): its unfinished tasks there are
+    dropped and their reservations released; its ledger stays, as every ledger does."""
+    with transaction.atomic():
+        membership = (
+            Membership.objects.select_for_update().select_related("site", "federation").get(pk=membership.pk)
+        )
+        if membership.status == MembershipStatus.LEFT:
+            raise Conflict(f"{membership.site} already left {membership.federation}")
+        membership.left_at = timezone.now()
+        membership.save(update_fields=["left_at"])
+        dropped = _drop_open_tasks(membership, reason="the site left the federation")
+        _audit(
+            "membership.left",
+            actor=left_by,
+            federation=membership.federation,
+            site=membership.site,
+            reason=(reason or "").strip(),
+            dropped_tasks=[task.pk for task in dropped],
+        )
+        _send_membership_event(membership)
+        for round_id in {task.round_id for task in dropped}:
+            transaction.on_commit(functools.partial(round_check_completion, round_id=round_id))
+    return membership
+
+
+def _drop_open_tasks(membership: Membership, *, reason: str) -> list[Task]:
+    """Drop the site's unfinished tasks in the federation's open rounds, releasing their epsilon."""
+    tasks = list(
+        Task.objects.select_for_update()
+        .select_related("round", "site")
+        .filter(
+            site=membership.site,
+            round__federation=membership.federation,
+            round__state__in=[RoundState.RESERVED, RoundState.TRAINING],
+            state__in=_TASK_ORDER,
+        )
+    )
+    for task in tasks:
+        _task_drop(task, reason=reason)
+    return tasks
+
+
+def _send_membership_event(membership: Membership) -> None:
+    events.send_on_commit(
+        events.site_scoped_groups(
+            federation_id=membership.federation_id, round_id=None, site_id=membership.site_id
+        ),
+        {"type": "membership.changed", "site": membership.site_id, "status": membership.status},
+    )
 
 
 def budget_set(
@@ -388,7 +516,9 @@ def round_launch(
         memberships = {
             m.site_id: m for m in federation.memberships.select_for_update().select_related("site")
         }
-        asked = site_ids if site_ids is not None else sorted(memberships)
+        asked = (
+            site_ids if site_ids is not None else sorted(k for k, m in memberships.items() if not m.left_at)
+        )
         if not asked:
             raise LaunchRefused(f"{federation} has no sites to ask")
         balances = balances_for(memberships.values())
@@ -407,7 +537,11 @@ def round_launch(
                         "site": site.pk,
                         "name": site.name,
                         "reason": reason,
-                        "remaining": str(balance.remaining) if balance is not None else None,
+                        "remaining": (
+                            str(balance.remaining)
+                            if balance and membership and membership.is_active
+                            else None
+                        ),
                     }
                 )
             else:
@@ -853,7 +987,12 @@ def _charge_late_upload(task: Task, data: bytes) -> bool:
 
 
 def metrics_record(*, task: Task, points: Any) -> int:
-    """Store metric points an agent sent for its task, and forward them live."""
+    """Store metric points an agent sent for its task, and forward them live.
+
+    Only while the round is open and the task not dropped: an uploaded task's last points may
+    still come from the agent's socket buffer, but a finished round's history is never rewritten.
+    """
+    _check_takes_metrics(task)
     if not isinstance(points, list):
         raise InvalidInput(f"points must be a list of metric points, not {type(points).__name__}")
     if len(points) > protocol.METRIC_POINTS_PER_MESSAGE:
@@ -911,9 +1050,13 @@ def metrics_record(*, task: Task, points: Any) -> int:
     return len(clean)
 
 
-def assert_site_owns(task: Task, site: Site) -> None:
-    if task.site_id != site.pk:
-        raise NotAllowed("this task belongs to another site")
+def _check_takes_metrics(task: Task) -> None:
+    # Read now, not from ``task``: an agent socket keeps its tasks for its whole life.
+    task_state, round_state = Task.objects.filter(pk=task.pk).values_list("state", "round__state").get()
+    if round_state not in ROUND_OPEN_STATES:
+        raise Conflict(f"round {task.round.number} is {round_state}: it takes no more metrics")
+    if task_state == TaskState.DROPPED:
+        raise Conflict("this task was dropped: it takes no more metrics")
 
 
 # ---------------------------------------------------------------------------------------------

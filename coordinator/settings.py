@@ -210,6 +210,13 @@ METRICS_MESSAGES_PER_SECOND = env_int("METRICS_MESSAGES_PER_SECOND", 50)
 METRICS_BURST = env_int("METRICS_BURST", 200)
 # An agent not heard from for this long is shown offline.
 SITE_ONLINE_SECONDS = env_int("SITE_ONLINE_SECONDS", 60)
+# What an agent may say about itself (Site.agent_info, merged over heartbeats): at most this many
+# top-level keys and this many bytes as JSON; a heartbeat past either is refused whole (413).
+AGENT_INFO_MAX_KEYS = env_positive_int("AGENT_INFO_MAX_KEYS", 32)
+AGENT_INFO_MAX_BYTES = env_positive_int("AGENT_INFO_MAX_BYTES", 16 * 1024)
+# A site token rotated less than this long ago is not rotated again (409): of simultaneous
+# rotations one wins, and the token it returned is the one that works.
+TOKEN_ROTATION_INTERVAL_SECONDS = env_positive_int("TOKEN_ROTATION_INTERVAL_SECONDS", 10)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

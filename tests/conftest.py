@@ -87,29 +87,38 @@ def federation(alice, charlie):
 
 @pytest.fixture
 def three_sites(federation, alice):
-    """Three member sites with a budget of 5 epsilon each, no admins: {site id: token}."""
+    """Three member sites (accepted) with a budget of 5 epsilon each, no admins: {site id: token}."""
     from coordinator import services
 
     tokens = {}
     for label in "ABC":
         site, token = services.site_register(name=f"Hospital {label}", registered_by=alice)
-        services.membership_add(federation=federation, site=site, budget=5, added_by=alice, reason="study")
+        join(federation, site, budget=5, added_by=alice, accepted_by=alice)  # alice registered it
         tokens[site.pk] = token
     return tokens
 
 
+def join(federation, site, *, budget, added_by, accepted_by, reason: str = "joined the study", **options):
+    """A site invited into a federation and accepting: the membership it takes part through."""
+    from coordinator import services
+
+    membership = services.membership_add(
+        federation=federation, site=site, budget=budget, added_by=added_by, reason=reason, **options
+    )
+    return services.membership_accept(membership=membership, accepted_by=accepted_by)
+
+
 @pytest.fixture
 def sites(federation, alice, bob, dave):
-    """Two member sites with a budget of 2 epsilon each: {"A": (site, token), "B": (site, token)}."""
+    """Two member sites (accepted by their admins, bob and dave) with a budget of 2 epsilon each:
+    {"A": (site, token), "B": (site, token)}."""
     from coordinator import services
 
     registered = {}
     for label, admin in (("A", bob), ("B", dave)):
         site, token = services.site_register(name=f"Hospital {label}", registered_by=alice)
         services.site_admin_add(site=site, user=admin, added_by=alice)
-        services.membership_add(
-            federation=federation, site=site, budget=2, added_by=alice, reason="joined the study"
-        )
+        join(federation, site, budget=2, added_by=alice, accepted_by=admin)
         registered[label] = (site, token)
     return registered
 

@@ -11,6 +11,8 @@ from coordinator import accounting, services
 from coordinator.models import LedgerEntry, LedgerKind, Membership, Round
 from sitesagent import accountant, protocol
 
+from .conftest import join
+
 DPSGD = {"noise_multiplier": 1.2, "max_grad_norm": 1.0, "sample_rate": 0.2, "steps": 10, "crops_per_case": 1}
 
 
@@ -103,11 +105,9 @@ def dpsgd_federation(alice):
     )
 
 
-def _member(federation, alice, name, budget):
+def _member(federation, alice, name, budget, **options):
     site, _ = services.site_register(name=name, registered_by=alice)
-    return services.membership_add(
-        federation=federation, site=site, budget=budget, added_by=alice, reason="r"
-    )
+    return join(federation, site, budget=budget, added_by=alice, accepted_by=alice, **options)
 
 
 def test_a_sites_ledger_epsilon_is_the_accountants_on_the_same_events(alice, dpsgd_federation):
@@ -141,10 +141,7 @@ def test_launch_reserves_only_while_the_accountants_epsilon_fits_the_budget(alic
 
 
 def test_a_dpsgd_round_needs_a_budget_with_a_delta(alice, dpsgd_federation, federation):
-    site, _ = services.site_register(name="Pure site", registered_by=alice)
-    services.membership_add(
-        federation=dpsgd_federation, site=site, budget=100, budget_delta=0, added_by=alice, reason="r"
-    )
+    _member(dpsgd_federation, alice, "Pure site", 100, budget_delta=0)
     with pytest.raises(services.LaunchRefused, match="delta 0, at which dpsgd has no finite epsilon"):
         services.round_launch(federation=dpsgd_federation, launched_by=alice)
 

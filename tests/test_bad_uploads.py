@@ -285,7 +285,7 @@ WRONG_SENDER = {
     "unknown token": (401, "unknown or revoked site token"),
     "revoked token": (401, "unknown or revoked site token"),
     "a person's token": (403, "this endpoint is for site agents"),
-    "another site's token": (403, "this task belongs to another site"),
+    "another site's token": (404, "Not found"),  # another site's task is as if missing
 }
 
 

@@ -25,7 +25,7 @@ from django.test import Client
 from coordinator import accounting, services
 from coordinator.models import LedgerEntry, Membership, Round, Site, Task, TaskState
 
-from .conftest import SVT_PARAMS, TINY_MODEL
+from .conftest import SVT_PARAMS, TINY_MODEL, join
 from .servers import AsgiServer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -192,6 +192,9 @@ def test_a_coordinator_registers_a_site_sets_a_budget_launches_and_watches_live(
     page.get_by_role("link", name="Done, go to the site").click()
     page.get_by_role("heading", name="Hospital C").wait_for()
     assert token not in page.content()
+    # Registered into the study, the site is invited; its registrant accepts while it has no admins.
+    page.get_by_role("button", name="Accept").click()
+    page.get_by_text("Hospital C now takes part in BraTS study.").wait_for()
 
     # Set a budget, with a reason.
     page.goto(f"/federations/{federation.pk}/budgets/")
@@ -346,6 +349,48 @@ def test_a_site_admin_cannot_see_another_sites_pages_or_data(new_page, federatio
     assert "Hospital B" not in page.content() and "0.999" not in page.content()
 
 
+# --- Nothing a site sends can change what a viewer's page does --------------------------------------
+
+EVIL_SITE = '<a href="https://attacker.example/" id="planted">Hospital X</a>'
+
+
+def test_a_sites_metric_names_and_its_name_cannot_deface_a_viewers_page(new_page, federation, sites, alice):
+    """A metric named `x"],body,[x="` once turned round.js's selector into one matching <body>,
+    and a site named with markup became a live link in the charts' legend."""
+
+    def world():
+        evil, _ = services.site_register(name=EVIL_SITE, registered_by=alice)
+        join(federation, evil, budget=2, added_by=alice, accepted_by=alice)
+        round_ = services.round_launch(federation=federation, launched_by=alice)
+        for task in round_.tasks.select_related("round", "site"):  # a legend has two or more lines
+            services.metrics_record(task=task, points=[{"name": "train_loss", "step": 0, "value": 0.9}])
+        return round_, Task.objects.select_related("round", "site").get(round=round_, site=evil)
+
+    round_, evil_task = background(world)
+    page = new_page(alice)
+    page.goto(f"/rounds/{round_.pk}/")
+    page.wait_for_selector("body[data-live=connected]")
+    page.locator("#loss-chart .main-svg").first.wait_for()
+    hostile = [
+        {"name": 'x"],body,[x="', "step": 1, "value": 0.5},
+        {"name": "train_loss", "step": 1, "value": 0.4242},
+    ]
+    background(services.metrics_record, task=evil_task, points=hostile)
+    row = page.locator(f"#task-table tr[data-task-id='{evil_task.pk}']")
+    row.locator("[data-latest=train_loss]").filter(has_text="0.4242").wait_for()
+    assert page.locator("#task-table").count() == 1 and page.locator("#loss-chart").count() == 1
+    assert page.locator("#loss-chart a, #throughput-chart a, #planted").count() == 0
+    legend = page.evaluate(
+        "() => Array.from(document.querySelectorAll('#loss-chart .legendtext'), (t) => t.textContent)"
+    )
+    assert EVIL_SITE in legend
+    # Traces added live (for a site the page had not drawn) escape the name too.
+    added = page.evaluate(
+        "async (name) => (await import('/static/js/charts.js')).plotlyText(name)", EVIL_SITE
+    )
+    assert added == EVIL_SITE.replace("<", "&lt;").replace(">", "&gt;")
+
+
 # --- Every page under the Content-Security-Policy ------------------------------------------------
 
 
@@ -471,7 +516,9 @@ def _build_study(alice, bob, charlie):
         name="BraTS 2018 multi-institution study",
         created_by=alice,
         model_config=TINY_MODEL,
+        default_mechanism="svt",
         default_mechanism_params=SVT_PARAMS,
+        budget_delta=0,
         min_sites=2,
         training_defaults={"local_epochs": 1, "max_iterations": 0, "roi_size": 64},
     )
@@ -479,9 +526,7 @@ def _build_study(alice, bob, charlie):
     sites = []
     for index, (name, device, cases, speed) in enumerate(SITES):
         site, _ = services.site_register(name=name, registered_by=alice)
-        services.membership_add(
-            federation=federation, site=site, budget=8, added_by=alice, reason="ethics approval"
-        )
+        join(federation, site, budget=8, added_by=alice, accepted_by=alice, reason="ethics approval")
         problems = 1 if index == 3 else 0
         check = {
             "n_cases": cases - problems,

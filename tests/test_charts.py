@@ -135,3 +135,24 @@ def test_site_series_gives_every_site_a_trace_tagged_for_live_updates():
     assert (b["x"], b["y"], b["meta"]) == ([], [], {"site": 9, "metric": "train_loss"})
     assert a["line"]["color"] != b["line"]["color"]
     assert figure["layout"]["title"]["text"] == "Training loss"
+
+
+# --- Names from data are text, never markup ------------------------------------------------------
+
+MARKUP_NAME = '<a href="https://attacker.example/">Evil & co</a>'
+ESCAPED = '&lt;a href="https://attacker.example/"&gt;Evil &amp; co&lt;/a&gt;'
+
+
+def test_a_site_named_with_markup_is_drawn_as_text_in_every_chart():
+    series = [{"site_id": 1, "site": MARKUP_NAME, "points": [(1, 0.5)]}]
+    loss = charts.site_series(series, metric="train_loss", title="Loss", y="loss")
+    assert loss["data"][0]["name"] == ESCAPED
+    assert loss["data"][0]["hovertemplate"].startswith(ESCAPED + "<br>")
+    spent = charts.epsilon_spent([{"round": 1, "site": MARKUP_NAME, "epsilon": Decimal(1)}])
+    assert spent["data"][0]["name"] == ESCAPED
+    bars = charts.budget_bars([{"site": MARKUP_NAME, "committed": 1, "reserved": 0, "remaining": 1}])
+    assert bars["data"][0]["y"] == [ESCAPED]
+    heatmap = charts.dice_heatmap([{"round": 1, "site": MARKUP_NAME, "name": "dice_mean", "value": 0.5}])
+    assert heatmap["data"][0]["y"] == [ESCAPED]
+    text = json.dumps([loss, spent, bars, heatmap])
+    assert "<a " not in text

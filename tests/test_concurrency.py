@@ -15,7 +15,7 @@ from coordinator import accounting, services
 from coordinator.errors import LaunchRefused
 from coordinator.models import Federation, LedgerEntry, LedgerKind, Membership
 
-from .conftest import SVT_PARAMS
+from .conftest import SVT_PARAMS, join
 
 
 def _launch_concurrently(
@@ -88,7 +88,7 @@ def test_twenty_concurrent_dpsgd_launches_never_pass_the_accountants_budget(alic
     assert 1 < affordable < 20
     for label in "AB":
         site, _ = services.site_register(name=f"DP hospital {label}", registered_by=alice)
-        services.membership_add(federation=federation, site=site, budget=8, added_by=alice, reason="r")
+        join(federation, site, budget=8, added_by=alice, accepted_by=alice)
     outcomes = _launch_concurrently(federation.pk, alice, 20, params, mechanism="dpsgd")
     assert outcomes.count("launched") == affordable and outcomes.count("refused") == 20 - affordable
     for membership in Membership.objects.filter(federation=federation):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,35 @@ def test_no_code_loads_a_pickle():
     assert len(files) > 30
     found = [hit for path in files for hit in pickle_loads_in(path.read_text(), str(path.relative_to(ROOT)))]
     assert found == []
+
+
+# --- Nothing a site sends becomes part of a selector -----------------------------------------------
+
+
+SELECTOR_CALL = re.compile(r"(querySelector(?:All)?|closest|matches)\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+
+
+def selectors_built_from_data(source: str) -> list[str]:
+    """Selector calls whose argument is assembled (a template with ${...}, or + concatenation)."""
+    return [
+        f"{name}({argument})"
+        for name, argument in SELECTOR_CALL.findall(source)
+        if "${" in argument or "+" in argument
+    ]
+
+
+def test_the_selector_scan_finds_a_selector_built_from_data():
+    source = 'document.querySelector(`[data-latest="${name}"]`); row.querySelector("td" + x); a.closest(".x")'
+    assert selectors_built_from_data(source) == [
+        'querySelector(`[data-latest="${name}"]`)',
+        'querySelector("td" + x)',
+    ]
+
+
+def test_no_script_builds_a_selector_from_data():
+    """round.js once built `[data-latest="${name}"]` from a metric name a site chose: a metric named
+    `x"],body,[x="` selected <body> on every viewer's page. Pages now compare data attributes."""
+    scripts = [p for p in sorted((ROOT / "static" / "js").glob("*.js")) if p.name != "plotly.min.js"]
+    assert len(scripts) >= 6
+    found = {p.name: selectors_built_from_data(p.read_text()) for p in scripts}
+    assert {name: hits for name, hits in found.items() if hits} == {}

@@ -18,6 +18,7 @@ from coordinator import services
 from coordinator.models import Round, Task, Update
 from sitesagent.synth import write_synthetic_cases
 
+from .conftest import join
 from .servers import AsgiServer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -134,9 +135,7 @@ def test_a_dpsgd_round_end_to_end_charges_the_same_epsilon_on_both_sides(server,
         training_defaults=TRAINING,
     )
     site, token = services.site_register(name="Hospital P", registered_by=alice)
-    membership = services.membership_add(
-        federation=federation, site=site, budget=10, added_by=alice, reason="r"
-    )
+    membership = join(federation, site, budget=10, added_by=alice, accepted_by=alice)
     round_ = services.round_launch(federation=federation, launched_by=alice)
 
     state_file = tmp_path / "agent-state.json"

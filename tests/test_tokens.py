@@ -1,11 +1,16 @@
-"""Site tokens: shown once, stored only as a hash, never echoed, and useless once revoked."""
+"""Site tokens: shown once, stored only as a hash, never echoed, and useless once revoked;
+rotated and revoked only by the site's own admins (its registrant while it has none), one
+rotation at a time."""
 
 import logging
+import threading
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
+from django.test import Client
 
 from coordinator import services
+from coordinator.models import AuditEvent
 
 
 def _every_text_in_the_database() -> str:
@@ -41,16 +46,16 @@ def test_missing_or_unknown_token_gets_401(db, client_for):
     assert client_for(token="site_not-a-real-token").get("/api/agent/task/").status_code == 401
 
 
-def test_revoked_token_gets_401_and_rotation_issues_a_new_one(client_for, alice, sites):
+def test_revoked_token_gets_401_and_rotation_issues_a_new_one(client_for, bob, sites):
     site, token = sites["A"]
     assert client_for(token=token).get("/api/agent/task/").status_code == 204
-    revoked = client_for(alice).post(
+    revoked = client_for(bob).post(
         f"/api/sites/{site.pk}/revoke/", {"reason": "laptop stolen"}, format="json"
     )
     assert revoked.status_code == 200
     assert client_for(token=token).get("/api/agent/task/").status_code == 401
 
-    rotated = client_for(alice).post(f"/api/sites/{site.pk}/rotate-token/").json()["token"]
+    rotated = client_for(bob).post(f"/api/sites/{site.pk}/rotate-token/").json()["token"]
     assert rotated != token
     assert client_for(token=token).get("/api/agent/task/").status_code == 401
     assert client_for(token=rotated).get("/api/agent/task/").status_code == 204
@@ -110,3 +115,62 @@ def test_no_secret_reaches_a_log_record_at_debug(client_for, alice, caplog, sett
     assert "coordinator_personaltoken" in logged and "Unauthorized: /api/agent/task/" in logged
     for secret in (site_token, personal, wrong_password, "alice-password-123", settings.SECRET_KEY):
         assert secret not in logged
+
+
+# --- Who may rotate or revoke: the site's own admins --------------------------------------------
+
+
+def test_the_sites_coordinator_may_not_rotate_or_revoke_its_token(client_for, alice, sites):
+    site, token = sites["A"]
+    api = client_for(alice)  # coordinates the study, and registered the site
+    rotated = api.post(f"/api/sites/{site.pk}/rotate-token/")
+    assert rotated.status_code == 403
+    assert "only the site's admins" in rotated.json()["error"]
+    assert api.post(f"/api/sites/{site.pk}/revoke/", {"reason": "x"}, format="json").status_code == 403
+    browser = Client()
+    browser.force_login(alice)
+    assert browser.post(f"/sites/{site.pk}/rotate/").status_code == 403
+    assert services.site_authenticate(token) == site
+
+
+def test_the_registrant_rotates_only_while_the_site_has_no_admins(client_for, alice, bob):
+    site, _ = services.site_register(name="Hospital Z", registered_by=alice)
+    assert client_for(alice).post(f"/api/sites/{site.pk}/rotate-token/").status_code == 200
+    services.site_admin_add(site=site, user=bob, added_by=alice)
+    assert client_for(alice).post(f"/api/sites/{site.pk}/rotate-token/").status_code == 404
+    assert (
+        client_for(bob).post(f"/api/sites/{site.pk}/revoke/", {"reason": "x"}, format="json").status_code
+        == 200
+    )
+
+
+# --- Rotations at the same moment ---------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_of_simultaneous_rotations_one_wins_and_its_token_works(client_for, bob, sites):
+    """Twenty rotations at once (the double-clicked button, the retrying script): exactly one is
+    answered with a token, and that token works; the others get 409 and no token."""
+    site, _ = sites["A"]
+    start = threading.Barrier(20)
+    answers: list = []
+
+    def rotate() -> None:
+        client = client_for(bob)
+        start.wait()
+        try:
+            answers.append(client.post(f"/api/sites/{site.pk}/rotate-token/"))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=rotate) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(a.status_code for a in answers) == [200] + [409] * 19
+    (winner,) = [a.json()["token"] for a in answers if a.status_code == 200]
+    assert services.site_authenticate(winner) == site
+    refusal = next(a.json()["error"] for a in answers if a.status_code == 409)
+    assert "token was just rotated" in refusal
+    assert AuditEvent.objects.filter(site=site, action="site.token_rotated").count() == 1

@@ -3,7 +3,8 @@
 Site tokens start with ``site_`` and authenticate as a SiteAgent principal (never as a user);
 personal tokens start with ``user_`` and authenticate as their user. Both are looked up by
 their SHA-256 hash: the token itself is never stored or logged. A client address that keeps
-presenting unknown tokens is refused with 429 for a while (coordinator.ratelimit).
+presenting unknown tokens gets 429 for them for a while; a valid token is never refused for
+what other clients sent (coordinator.ratelimit).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from coordinator import models
+from coordinator import access, models
 from sitesagent import protocol
 
 
@@ -105,6 +105,7 @@ class BalanceSerializer(serializers.Serializer):
 
 class MembershipSerializer(serializers.ModelSerializer):
     site_name = serializers.CharField(source="site.name", read_only=True)
+    status = serializers.ChoiceField(choices=models.MembershipStatus.choices, read_only=True)
     balance = serializers.SerializerMethodField()
 
     class Meta:
@@ -114,6 +115,9 @@ class MembershipSerializer(serializers.ModelSerializer):
             "federation",
             "site",
             "site_name",
+            "status",
+            "accepted_at",
+            "left_at",
             "budget_epsilon",
             "allows_unprotected_sharing",
             "balance",
@@ -171,6 +175,7 @@ class TaskSerializer(serializers.ModelSerializer):
 
 class RoundSerializer(serializers.ModelSerializer):
     result_version = serializers.SerializerMethodField()
+    excluded_sites = serializers.SerializerMethodField()
 
     class Meta:
         model = models.Round
@@ -197,6 +202,10 @@ class RoundSerializer(serializers.ModelSerializer):
     def get_result_version(self, round_) -> int | None:
         version = models.ModelVersion.objects.filter(produced_by=round_).first()
         return version.pk if version else None
+
+    def get_excluded_sites(self, round_) -> list[dict]:
+        """Why sites were left out names their balances: each viewer sees only the sites they may."""
+        return access.excluded_sites_visible_to(self.context.get("user"), round_)
 
 
 class RoundLaunchSerializer(serializers.Serializer):

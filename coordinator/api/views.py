@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from django.http import FileResponse, Http404, HttpResponse
-from django.shortcuts import get_object_or_404
+from django.http import FileResponse, HttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view, parser_classes, permission_classes
 from rest_framework.parsers import BaseParser
@@ -11,28 +10,12 @@ from rest_framework.response import Response
 
 from coordinator import access, accounting, privacy_preview, selectors, services, storage, throttle
 from coordinator.api import serializers as s
-from coordinator.api.auth import IsPerson, IsSiteAgent, SiteAgent, touch_site
+from coordinator.api.auth import IsPerson, IsSiteAgent, touch_site
 from coordinator.errors import NotAllowed
-from coordinator.models import (
-    AuditEvent,
-    Federation,
-    LedgerEntry,
-    Membership,
-    ModelVersion,
-    Round,
-    Site,
-    Task,
-)
+from coordinator.models import AuditEvent, LedgerEntry, Task
 
 PERSON = [IsPerson]
 AGENT = [IsSiteAgent]
-
-
-def _federation(request, pk: int) -> Federation:
-    federation = get_object_or_404(Federation, pk=pk)
-    if not access.can_view_federation(request.user, federation):
-        raise Http404
-    return federation
 
 
 def _require(allowed: bool, message: str) -> None:
@@ -59,7 +42,7 @@ def federations(request):
 @api_view(["GET"])
 @permission_classes(PERSON)
 def federation_detail(request, pk: int):
-    return Response(s.FederationSerializer(_federation(request, pk)).data)
+    return Response(s.FederationSerializer(access.federation_for(request.user, pk)).data)
 
 
 def _valid(serializer_class, request) -> dict:
@@ -86,26 +69,18 @@ def sites(request):
     return Response({"site": s.SiteSerializer(site).data, "token": token}, status=201)
 
 
-def _site(request, pk: int) -> Site:
-    site = get_object_or_404(Site, pk=pk)
-    if not access.can_view_site(request.user, site):
-        raise Http404
-    return site
-
-
 @extend_schema(responses=s.SiteSerializer)
 @api_view(["GET"])
 @permission_classes(PERSON)
 def site_detail(request, pk: int):
-    return Response(s.SiteSerializer(_site(request, pk)).data)
+    return Response(s.SiteSerializer(access.site_for(request.user, pk)).data)
 
 
 @extend_schema(request=None, responses=s.SiteWithTokenSerializer)
 @api_view(["POST"])
 @permission_classes(PERSON)
 def site_rotate_token(request, pk: int):
-    site = _site(request, pk)
-    _require(access.can_manage_site(request.user, site), "only the site's coordinators may rotate its token")
+    site = access.site_for(request.user, pk, need="manage")
     token = services.site_token_rotate(site=site, rotated_by=request.user)
     return Response({"site": s.SiteSerializer(site).data, "token": token})
 
@@ -114,8 +89,7 @@ def site_rotate_token(request, pk: int):
 @api_view(["POST"])
 @permission_classes(PERSON)
 def site_revoke(request, pk: int):
-    site = _site(request, pk)
-    _require(access.can_manage_site(request.user, site), "only the site's coordinators may revoke its token")
+    site = access.site_for(request.user, pk, need="manage")
     services.site_token_revoke(
         site=site, revoked_by=request.user, reason=_valid(s.ReasonSerializer, request)["reason"]
     )
@@ -129,41 +103,59 @@ def site_revoke(request, pk: int):
 @api_view(["GET", "POST"])
 @permission_classes(PERSON)
 def memberships(request, pk: int):
-    federation = _federation(request, pk)
+    """GET: the memberships the caller may see. POST: invite a site the caller may see; the site
+    takes part once its admins accept (POST /api/memberships/<id>/accept/)."""
     if request.method == "GET":
+        federation = access.federation_for(request.user, pk)
         visible = list(access.memberships_visible_to(request.user, federation))
-        context = {"balances": accounting.balances_for(visible)}
-        return Response(s.MembershipSerializer(visible, many=True, context=context).data)
-    _require(
-        access.can_coordinate(request.user, federation), "only the federation's coordinators may add sites"
-    )
+        return Response(_memberships_data(visible, many=True))
+    federation = access.federation_for(request.user, pk, need="coordinate")
     data = _valid(s.MembershipCreateSerializer, request)
-    site = get_object_or_404(Site, pk=data.pop("site"))
+    site = access.site_for(request.user, data.pop("site"))
     membership = services.membership_add(federation=federation, site=site, added_by=request.user, **data)
-    context = {"balances": accounting.balances_for([membership])}
-    return Response(s.MembershipSerializer(membership, context=context).data, status=201)
+    return Response(_memberships_data(membership), status=201)
 
 
-def _membership(request, pk: int) -> Membership:
-    membership = get_object_or_404(Membership.objects.select_related("site", "federation"), pk=pk)
-    if not access.can_view_membership(request.user, membership):
-        raise Http404
-    return membership
+def _memberships_data(memberships, *, many: bool = False):
+    """Balances come from the ledger, which only a site that accepted has."""
+    listed = memberships if many else [memberships]
+    context = {"balances": accounting.balances_for(m for m in listed if m.is_active)}
+    return s.MembershipSerializer(memberships, many=many, context=context).data
 
 
 @extend_schema(request=s.BudgetChangeSerializer, responses=s.MembershipSerializer)
 @api_view(["GET", "PATCH"])
 @permission_classes(PERSON)
 def membership_detail(request, pk: int):
-    membership = _membership(request, pk)
+    membership = access.membership_for(request.user, pk)
     if request.method == "PATCH":
         data = _valid(s.BudgetChangeSerializer, request)
         new_budget = accounting.epsilon_from_input("budget", data["budget"])
         refusal = access.budget_change_refusal(request.user, membership, new_budget)
         _require(refusal is None, refusal or "")
         membership = services.budget_set(membership=membership, changed_by=request.user, **data)
-    context = {"balances": accounting.balances_for([membership])}
-    return Response(s.MembershipSerializer(membership, context=context).data)
+    return Response(_memberships_data(membership))
+
+
+@extend_schema(request=None, responses=s.MembershipSerializer)
+@api_view(["POST"])
+@permission_classes(PERSON)
+def membership_accept(request, pk: int):
+    """The site's admins accept its invitation: from now on it gets this federation's tasks."""
+    membership = access.membership_for(request.user, pk, need="manage")
+    membership = services.membership_accept(membership=membership, accepted_by=request.user)
+    return Response(_memberships_data(membership))
+
+
+@extend_schema(request=s.ReasonSerializer, responses=s.MembershipSerializer)
+@api_view(["POST"])
+@permission_classes(PERSON)
+def membership_leave(request, pk: int):
+    """The site leaves (or declines): unfinished tasks dropped, reservations released, ledger kept."""
+    membership = access.membership_for(request.user, pk, need="manage")
+    reason = _valid(s.ReasonSerializer, request)["reason"]
+    membership = services.membership_leave(membership=membership, left_by=request.user, reason=reason)
+    return Response(_memberships_data(membership))
 
 
 # --- Rounds -------------------------------------------------------------------------------------
@@ -173,20 +165,18 @@ def membership_detail(request, pk: int):
 @api_view(["GET", "POST"])
 @permission_classes(PERSON)
 def rounds(request, pk: int):
-    federation = _federation(request, pk)
     if request.method == "GET":
-        return Response(s.RoundSerializer(federation.rounds.order_by("-number"), many=True).data)
-    _require(
-        access.can_coordinate(request.user, federation),
-        "only the federation's coordinators may launch rounds",
-    )
+        federation = access.federation_for(request.user, pk)
+        rounds = federation.rounds.order_by("-number")
+        return Response(s.RoundSerializer(rounds, many=True, context={"user": request.user}).data)
+    federation = access.federation_for(request.user, pk, need="coordinate")
     data = _valid(s.RoundLaunchSerializer, request)
     privacy_preview.check_noise(federation=federation, **data)
     data.pop("confirm_noise")
     round_ = services.round_launch(
         federation=federation, launched_by=request.user, site_ids=data.pop("sites"), **data
     )
-    return Response(s.RoundSerializer(round_).data, status=201)
+    return Response(s.RoundSerializer(round_, context={"user": request.user}).data, status=201)
 
 
 @extend_schema(
@@ -195,51 +185,37 @@ def rounds(request, pk: int):
 @api_view(["POST"])
 @permission_classes(PERSON)
 def round_preview(request, pk: int):
-    federation = _federation(request, pk)
-    _require(
-        access.can_coordinate(request.user, federation),
-        "only the federation's coordinators may launch rounds",
-    )
+    federation = access.federation_for(request.user, pk, need="coordinate")
     data = _valid(s.RoundLaunchSerializer, request)
     return Response(privacy_preview.preview(federation=federation, **data))
-
-
-def _round(request, pk: int) -> Round:
-    round_ = get_object_or_404(Round.objects.select_related("federation"), pk=pk)
-    if not access.can_view_round(request.user, round_):
-        raise Http404
-    return round_
 
 
 @extend_schema(responses=s.RoundSerializer)
 @api_view(["GET"])
 @permission_classes(PERSON)
 def round_detail(request, pk: int):
-    round_ = _round(request, pk)
+    round_ = access.round_for(request.user, pk)
     tasks = access.tasks_visible_to(request.user, round_)
-    return Response({**s.RoundSerializer(round_).data, "tasks": s.TaskSerializer(tasks, many=True).data})
+    data = s.RoundSerializer(round_, context={"user": request.user}).data
+    return Response({**data, "tasks": s.TaskSerializer(tasks, many=True).data})
 
 
 @extend_schema(request=s.ReasonSerializer, responses=s.RoundSerializer)
 @api_view(["POST"])
 @permission_classes(PERSON)
 def round_abort(request, pk: int):
-    round_ = _round(request, pk)
-    _require(
-        access.can_coordinate(request.user, round_.federation),
-        "only the federation's coordinators may abort rounds",
-    )
+    round_ = access.round_for(request.user, pk, need="coordinate")
     round_ = services.round_abort(
         round_=round_, aborted_by=request.user, reason=_valid(s.ReasonSerializer, request)["reason"]
     )
-    return Response(s.RoundSerializer(round_).data)
+    return Response(s.RoundSerializer(round_, context={"user": request.user}).data)
 
 
 @extend_schema(responses=s.ModelVersionSerializer(many=True))
 @api_view(["GET"])
 @permission_classes(PERSON)
 def versions(request, pk: int):
-    federation = _federation(request, pk)
+    federation = access.federation_for(request.user, pk)
     return Response(s.ModelVersionSerializer(federation.versions.order_by("number"), many=True).data)
 
 
@@ -248,14 +224,11 @@ def versions(request, pk: int):
 )
 @api_view(["GET"])
 def version_weights(request, pk: int):
-    """A model version's weights, for people who may see the federation and for its sites' agents."""
-    version = get_object_or_404(ModelVersion.objects.select_related("federation"), pk=pk)
-    if isinstance(request.user, SiteAgent):
-        if not version.federation.memberships.filter(site=request.user.site).exists():
-            raise Http404
+    """A model version's weights, for people who may see the federation and for the agents of the
+    sites that take part in it."""
+    version = access.version_for(request.user, pk)
+    if getattr(request.user, "is_site_agent", False):
         touch_site(request.user.site)
-    elif not access.can_view_federation(request.user, version.federation):
-        raise Http404
     response = FileResponse(storage.path_of(version.path).open("rb"), content_type="application/octet-stream")
     response["Content-Disposition"] = (
         f'attachment; filename="{version.federation.name}-v{version.number}.safetensors"'
@@ -276,7 +249,7 @@ def _ledger_rows(entries, memberships):
 @api_view(["GET"])
 @permission_classes(PERSON)
 def federation_ledger(request, pk: int):
-    federation = _federation(request, pk)
+    federation = access.federation_for(request.user, pk)
     visible = list(access.memberships_visible_to(request.user, federation))
     entries = LedgerEntry.objects.filter(membership__in=visible)
     return Response(s.LedgerEntrySerializer(_ledger_rows(entries, visible), many=True).data)
@@ -286,7 +259,7 @@ def federation_ledger(request, pk: int):
 @api_view(["GET"])
 @permission_classes(PERSON)
 def membership_ledger(request, pk: int):
-    membership = _membership(request, pk)
+    membership = access.membership_for(request.user, pk)
     rows = _ledger_rows(LedgerEntry.objects.filter(membership=membership), [membership])
     return Response(s.LedgerEntrySerializer(rows, many=True).data)
 
@@ -295,11 +268,7 @@ def membership_ledger(request, pk: int):
 @api_view(["GET"])
 @permission_classes(PERSON)
 def federation_audit(request, pk: int):
-    federation = _federation(request, pk)
-    _require(
-        access.can_read_audit(request.user, federation),
-        "only coordinators and auditors may read the audit log",
-    )
+    federation = access.federation_for(request.user, pk, need="audit")
     events = AuditEvent.objects.filter(federation=federation).select_related("actor", "actor_site")
     return Response(s.AuditEventSerializer(events, many=True).data)
 
@@ -316,10 +285,7 @@ def personal_tokens(request):
 
 
 def _agent_task(request, pk: int) -> Task:
-    task = get_object_or_404(
-        Task.objects.select_related("round__federation", "round__base_version", "site"), pk=pk
-    )
-    services.assert_site_owns(task, request.user.site)
+    task = access.task_for_site(request.user.site, pk)
     touch_site(request.user.site)
     return task
 

@@ -25,4 +25,6 @@ urlpatterns = [
     path("sites/<int:pk>/rotate/", views.site_rotate, name="dashboard-site-rotate"),
     path("sites/<int:pk>/revoke/", views.site_revoke, name="dashboard-site-revoke"),
     path("sites/<int:pk>/join/", views.site_join, name="dashboard-site-join"),
+    path("memberships/<int:pk>/accept/", views.membership_accept, name="dashboard-membership-accept"),
+    path("memberships/<int:pk>/leave/", views.membership_leave, name="dashboard-membership-leave"),
 ]

@@ -15,7 +15,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from coordinator import access, accounting, charts, privacy_preview, ratelimit, selectors, services
@@ -29,33 +29,10 @@ from coordinator.dashboard.forms import (
     SiteRegisterForm,
 )
 from coordinator.errors import NotAllowed, ServiceError
-from coordinator.models import Federation, Round, Site
+from coordinator.models import Federation, MembershipStatus, Round, Site
 from sitesagent import accountant, protocol
 
 # --- Shared helpers -----------------------------------------------------------------------------
-
-
-def _federation(request, pk: int) -> Federation:
-    federation = get_object_or_404(Federation, pk=pk)
-    if not access.can_view_federation(request.user, federation):
-        raise Http404
-    return federation
-
-
-def _round(request, pk: int) -> Round:
-    round_ = get_object_or_404(
-        Round.objects.select_related("federation", "base_version", "launched_by"), pk=pk
-    )
-    if not access.can_view_round(request.user, round_):
-        raise Http404
-    return round_
-
-
-def _site(request, pk: int) -> Site:
-    site = get_object_or_404(Site, pk=pk)
-    if not access.can_view_site(request.user, site):
-        raise Http404
-    return site
 
 
 def _require(allowed: bool) -> None:
@@ -162,7 +139,7 @@ def _role(user, federation: Federation) -> str:
 
 @login_required
 def federation(request, pk: int):
-    federation = _federation(request, pk)
+    federation = access.federation_for(request.user, pk)
     site_ids = access.site_ids_visible_in(request.user, federation)
     memberships = access.memberships_visible_to(request.user, federation)
     dice = selectors.dice_points(federation, site_ids)
@@ -189,10 +166,10 @@ def federation(request, pk: int):
 
 @login_required
 def budgets(request, pk: int):
-    federation = _federation(request, pk)
+    federation = access.federation_for(request.user, pk)
     memberships = access.memberships_visible_to(request.user, federation)
     if request.method == "POST":
-        return _budget_change(request, federation, memberships)
+        return _budget_change(request, federation)
     rows = queries.budget_rows(memberships)
     for row in rows:
         row["can_change"] = access.can_change_budget(request.user, row["membership"])
@@ -208,12 +185,14 @@ def budgets(request, pk: int):
     return render(request, "dashboard/budgets.html", context)
 
 
-def _budget_change(request, federation: Federation, memberships):
+def _budget_change(request, federation: Federation):
     form = BudgetForm(request.POST)
     if not form.is_valid():
         messages.error(request, _form_errors(form))
         return redirect("dashboard-budgets", pk=federation.pk)
-    membership = get_object_or_404(memberships, pk=form.cleaned_data["membership"])
+    membership = access.membership_for(request.user, form.cleaned_data["membership"])
+    if membership.federation_id != federation.pk:
+        raise Http404
     consent = form.cleaned_data["allows_unprotected_sharing"]
     try:
         budget = accounting.epsilon_from_input("budget", form.cleaned_data["budget"])
@@ -239,9 +218,15 @@ def _budget_change(request, federation: Federation, memberships):
 
 def _launch_form(request, federation: Federation, data=None) -> LaunchForm:
     memberships = access.memberships_visible_to(request.user, federation).order_by("site__name")
-    choices = [(m.site_id, m.site.name) for m in memberships]
+    choices = [(m.site_id, _site_choice(m)) for m in memberships if m.status != MembershipStatus.LEFT]
     initial = LaunchForm.initial_for(federation, [site_id for site_id, _ in choices])
     return LaunchForm(data, initial=initial, site_choices=choices)
+
+
+def _site_choice(membership) -> str:
+    if membership.status == MembershipStatus.INVITED:
+        return f"{membership.site.name} (invited, has not accepted: will be left out)"
+    return membership.site.name
 
 
 def _preview(federation: Federation, form: LaunchForm) -> dict:
@@ -258,8 +243,7 @@ def _preview(federation: Federation, form: LaunchForm) -> dict:
 
 @login_required
 def launch(request, pk: int):
-    federation = _federation(request, pk)
-    _require(access.can_coordinate(request.user, federation))
+    federation = access.federation_for(request.user, pk, need="coordinate")
     form = _launch_form(request, federation, request.POST if request.method == "POST" else None)
     if request.method == "POST" and request.POST.get("action") != "preview" and form.is_valid():
         try:
@@ -312,8 +296,7 @@ def _launch_rounds(request, federation: Federation, form: LaunchForm) -> Round:
 @require_POST
 def launch_preview(request, pk: int):
     """The preview panel alone, re-rendered as the launch form changes."""
-    federation = _federation(request, pk)
-    _require(access.can_coordinate(request.user, federation))
+    federation = access.federation_for(request.user, pk, need="coordinate")
     form = _launch_form(request, federation, request.POST)
     return render(request, "dashboard/_preview.html", _preview(federation, form))
 
@@ -334,18 +317,16 @@ def _round_figures(round_: Round, tasks) -> dict:
 
 @login_required
 def round_detail(request, pk: int):
-    round_ = _round(request, pk)
+    round_ = access.round_for(request.user, pk)
     federation = round_.federation
     tasks = list(access.tasks_visible_to(request.user, round_).order_by("site__name"))
-    site_ids = access.site_ids_visible_in(request.user, federation)
     rows = queries.round_task_rows(round_, tasks)
     context = {
         **_tabs(request, federation, "rounds"),
         "round": round_,
         "rows": rows,
         "federated": queries.federated_row(rows),
-        # Why other sites were left out names their balances: only for those who may see them.
-        "excluded": [e for e in round_.excluded_sites if site_ids is None or e.get("site") in site_ids],
+        "excluded": access.excluded_sites_visible_to(request.user, round_),
         "figures": _round_figures(round_, tasks),
         "result_version": queries.result_versions(federation).get(round_.pk),
         "epsilon": queries.epsilon_text(round_.epsilon_per_site),
@@ -356,8 +337,7 @@ def round_detail(request, pk: int):
 @login_required
 @require_POST
 def round_abort(request, pk: int):
-    round_ = _round(request, pk)
-    _require(access.can_coordinate(request.user, round_.federation))
+    round_ = access.round_for(request.user, pk, need="coordinate")
     form = ReasonForm(request.POST)
     if not form.is_valid():
         messages.error(request, "Give a reason to abort the round: it goes into the audit log.")
@@ -414,25 +394,36 @@ def _register(request, form: SiteRegisterForm) -> HttpResponse:
             )
         except ServiceError as error:
             messages.error(
-                request, f"{site} is registered but did not join {data['federation']}: {error.message}"
+                request, f"{site} is registered but was not invited to {data['federation']}: {error.message}"
             )
+        else:
+            messages.info(request, _invited_note(site, data["federation"]))
     return _show_token(request, site, token, action="registered")
+
+
+def _invited_note(site: Site, federation: Federation) -> str:
+    return (
+        f"{site} is invited to {federation}: it takes part once its admins accept on the site's page "
+        "(while it has no admins, its registrant accepts)."
+    )
 
 
 @login_required
 def site_detail(request, pk: int):
-    site = _site(request, pk)
+    site = access.site_for(request.user, pk)
     memberships = [
         m
-        for m in site.memberships.select_related("federation", "site")
+        for m in site.memberships.select_related("federation", "site", "accepted_by")
         if access.can_view_membership(request.user, m)
     ]
+    active = [m for m in memberships if m.is_active]
     joinable = _coordinated_federations(request.user).exclude(memberships__site=site)
     context = {
         "site": site,
-        "row": queries.site_rows([site], {m.federation_id for m in memberships})[0],
-        "budget_rows": queries.budget_rows(memberships),
-        "tasks": queries.site_tasks(site, [m.federation_id for m in memberships]),
+        "row": queries.site_rows([site], {m.federation_id for m in active})[0],
+        "memberships": memberships,
+        "budget_rows": queries.budget_rows(active),
+        "tasks": queries.site_tasks(site, [m.federation_id for m in active]),
         "can_manage": access.can_manage_site(request.user, site),
         "join_form": MembershipAddForm(federations=joinable) if joinable.exists() else None,
         "agent_info": json.dumps(site.agent_info, indent=2, sort_keys=True) if site.agent_info else "",
@@ -443,17 +434,19 @@ def site_detail(request, pk: int):
 @login_required
 @require_POST
 def site_rotate(request, pk: int):
-    site = _site(request, pk)
-    _require(access.can_manage_site(request.user, site))
-    token = services.site_token_rotate(site=site, rotated_by=request.user)
+    site = access.site_for(request.user, pk, need="manage")
+    try:
+        token = services.site_token_rotate(site=site, rotated_by=request.user)
+    except ServiceError as error:
+        messages.error(request, error.message)
+        return redirect("dashboard-site", pk=site.pk)
     return _show_token(request, site, token, action="rotated")
 
 
 @login_required
 @require_POST
 def site_revoke(request, pk: int):
-    site = _site(request, pk)
-    _require(access.can_manage_site(request.user, site))
+    site = access.site_for(request.user, pk, need="manage")
     form = ReasonForm(request.POST)
     reason = form.cleaned_data["reason"] if form.is_valid() else ""
     services.site_token_revoke(site=site, revoked_by=request.user, reason=reason)
@@ -464,7 +457,7 @@ def site_revoke(request, pk: int):
 @login_required
 @require_POST
 def site_join(request, pk: int):
-    site = _site(request, pk)
+    site = access.site_for(request.user, pk)
     form = MembershipAddForm(request.POST, federations=_coordinated_federations(request.user))
     if not form.is_valid():
         messages.error(request, _form_errors(form))
@@ -476,8 +469,38 @@ def site_join(request, pk: int):
     except ServiceError as error:
         messages.error(request, error.message)
     else:
-        messages.success(request, f"{site} joined {data['federation']} with a budget of ε {data['budget']}.")
+        messages.success(request, _invited_note(site, data["federation"]))
     return redirect("dashboard-site", pk=site.pk)
+
+
+@login_required
+@require_POST
+def membership_accept(request, pk: int):
+    membership = access.membership_for(request.user, pk, need="manage")
+    try:
+        services.membership_accept(membership=membership, accepted_by=request.user)
+    except ServiceError as error:
+        messages.error(request, error.message)
+    else:
+        messages.success(request, f"{membership.site} now takes part in {membership.federation}.")
+    return redirect("dashboard-site", pk=membership.site_id)
+
+
+@login_required
+@require_POST
+def membership_leave(request, pk: int):
+    membership = access.membership_for(request.user, pk, need="manage")
+    form = ReasonForm(request.POST)
+    reason = form.cleaned_data["reason"] if form.is_valid() else ""
+    try:
+        services.membership_leave(membership=membership, left_by=request.user, reason=reason)
+    except ServiceError as error:
+        messages.error(request, error.message)
+    else:
+        messages.success(
+            request, f"{membership.site} left {membership.federation}; its open reservations were released."
+        )
+    return redirect("dashboard-site", pk=membership.site_id)
 
 
 # --- Privacy audit ------------------------------------------------------------------------------
@@ -492,7 +515,7 @@ def _ledger(request, federation: Federation):
 
 @login_required
 def privacy(request, pk: int):
-    federation = _federation(request, pk)
+    federation = access.federation_for(request.user, pk)
     memberships, form, rows = _ledger(request, federation)
     for row in rows:
         row["epsilon"] = queries.epsilon_text(row["entry"].epsilon)
@@ -510,7 +533,7 @@ def privacy(request, pk: int):
 
 @login_required
 def privacy_export(request, pk: int, fmt: str):
-    federation = _federation(request, pk)
+    federation = access.federation_for(request.user, pk)
     if fmt not in ("csv", "json"):
         raise Http404
     _, _, rows = _ledger(request, federation)
@@ -534,8 +557,7 @@ def privacy_export(request, pk: int, fmt: str):
 
 @login_required
 def audit_log(request, pk: int):
-    federation = _federation(request, pk)
-    _require(access.can_read_audit(request.user, federation))
+    federation = access.federation_for(request.user, pk, need="audit")
     action = request.GET.get("action") or None
     page = Paginator(queries.audit_events(federation, action=action), 100).get_page(request.GET.get("page"))
     rows = [(event, json.dumps(event.details, sort_keys=True) if event.details else "") for event in page]

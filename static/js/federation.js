@@ -1,14 +1,15 @@
 // The federation pages, live: round states and new model versions as they happen.
-import { connectLive, setBadge, showNotice } from "./live.js";
+import { connectLive, escapeHtml, setBadge, showNotice, withData } from "./live.js";
 
 export function watchFederation(federationId) {
   connectLive(`/ws/federations/${federationId}/`, (event) => {
-    const row = event.round !== undefined ? document.querySelector(`tr[data-round-id="${event.round}"]`) : null;
+    const rows = document.querySelectorAll("tr[data-round-id]");
+    const row = event.round !== undefined ? withData(rows, "roundId", String(event.round)) : null;
     if (event.type === "round.state") {
       if (row) {
         setBadge(row.querySelector("[data-round-state]"), event.state);
       } else {
-        showNotice(`Round ${Number(event.number)} is ${event.state}. <a href="/rounds/${Number(event.round)}/">Open it</a> or <a href="">reload</a>.`);
+        showNotice(`Round ${Number(event.number)} is ${escapeHtml(event.state)}. <a href="/rounds/${Number(event.round)}/">Open it</a> or <a href="">reload</a>.`);
       }
     } else if (event.type === "version.created" && row) {
       row.querySelector("[data-round-result]").textContent = `v${Number(event.number)}`;

@@ -39,9 +39,24 @@ export function connectLive(path, onEvent) {
   open();
 }
 
+// The first of ``elements`` whose data attribute ``key`` equals ``value``: how pages find the row
+// or cell an event is about, without building a selector from the event's data.
+export function withData(elements, key, value) {
+  for (const element of elements) {
+    if (element.dataset[key] === value) return element;
+  }
+  return null;
+}
+
+// Text for innerHTML, shown as the text it is.
+export function escapeHtml(text) {
+  return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;");
+}
+
 export function setBadge(element, state) {
   if (!element) return;
-  element.className = element.className.replace(/\bstate-\S+/g, "").trim() + ` state-${state}`;
+  const word = String(state).replace(/[^a-z_]/g, "");
+  element.className = element.className.replace(/\bstate-\S+/g, "").trim() + ` state-${word}`;
   element.textContent = state;
 }
 

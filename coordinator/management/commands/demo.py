@@ -158,9 +158,11 @@ class Command(BaseCommand):
                 token = services.site_token_rotate(site=site, rotated_by=user)
             membership = Membership.objects.filter(federation=federation, site=site).first()
             if membership is None:
-                services.membership_add(
+                membership = services.membership_add(
                     federation=federation, site=site, budget=DEMO_BUDGET, added_by=user, reason="demo site"
                 )
+                # The demo plays each hospital's site admin too: its registrant, while it has none.
+                services.membership_accept(membership=membership, accepted_by=user)
             elif accounting.membership_balance(membership).remaining < DEMO_BUDGET / 2:
                 services.budget_set(
                     membership=membership,
