@@ -32,7 +32,23 @@ class AgentConfig:
     device: str = "auto"
     max_epsilon: float | None = None
     delta: float = 1e-5  # the delta the site's cap is stated at
+    # The site's policy, enforced whatever the coordinator says (None: no restriction).
+    max_round_epsilon: float | None = None  # the most one round may cost, at delta
+    federations: tuple[str, ...] | None = None  # the only federations served, by name
+    mechanisms: tuple[str, ...] | None = None  # the only mechanisms accepted
     allow_unprotected: bool = False
+
+    def policy(self) -> dict[str, Any]:
+        """The site's own rules, as the agent reports them to the coordinator."""
+        return {
+            "max_epsilon": self.max_epsilon,
+            "max_round_epsilon": self.max_round_epsilon,
+            "delta": self.delta,
+            "federations": list(self.federations) if self.federations is not None else None,
+            "mechanisms": list(self.mechanisms) if self.mechanisms is not None else None,
+            "allow_unprotected": self.allow_unprotected,
+        }
+
     state_file: Path | None = None
     poll_seconds: float = 10.0
     progress_bar: bool = True
@@ -134,7 +150,18 @@ class Agent:
         figure the coordinator states; a stated cost that disagrees, or none for a protected
         mechanism, is itself a reason to refuse.
         """
+        config = self.config
         mechanism, params = task.get("mechanism"), task.get("mechanism_params")
+        if config.federations is not None and task.get("federation") not in config.federations:
+            raise TaskRefused(
+                f"the task is for federation {task.get('federation')!r}, and this site serves only "
+                f"{', '.join(config.federations)} (--federations)"
+            )
+        if config.mechanisms is not None and mechanism not in config.mechanisms:
+            raise TaskRefused(
+                f"the round uses {mechanism!r}, and this site accepts only {', '.join(config.mechanisms)} "
+                "(--mechanisms)"
+            )
         try:
             spec = protocol.mechanism_spec(mechanism)
             event = protocol.round_event(spec.name, params or {})
@@ -147,6 +174,7 @@ class Agent:
             )
         if event is not None:
             self._check_stated_cost(task, event)
+            self._check_round_cost(event)
         if self.state.task(task["task"]).get("status") == "pending_upload":
             return event  # already counted
         try:
@@ -154,6 +182,16 @@ class Agent:
         except LocalCapExceeded as error:
             raise TaskRefused(str(error)) from None
         return event
+
+    def _check_round_cost(self, event: dict[str, Any]) -> None:
+        from sitesagent.accountant import event_epsilon
+
+        limit, delta = self.config.max_round_epsilon, self.config.delta
+        if limit is not None and (cost := event_epsilon(event, delta)) > limit:
+            raise TaskRefused(
+                f"one round of it costs epsilon {cost:.6g} at delta {delta:g}, more than this site's "
+                f"limit per round of {limit:g} (--max-round-epsilon)"
+            )
 
     @staticmethod
     def _check_stated_cost(task: dict[str, Any], event: dict[str, Any]) -> None:
@@ -215,10 +253,8 @@ class Agent:
             "train_cases": len(self._dataset["train"]),
             "validation_cases": len(self._dataset["val"]),
             "data_check": check.to_dict(),
-            "max_epsilon": self.config.max_epsilon,
-            "delta": self.config.delta,
+            "policy": self.config.policy(),
             "spent_epsilon": self.state.spent(self.config.delta),
-            "allows_unprotected": self.config.allow_unprotected,
         }
 
     def _train_and_protect(self, task: dict[str, Any]) -> bytes:

@@ -33,6 +33,25 @@ def _delta(text: str) -> float:
     return delta
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
+
+
+def _mechanisms(text: str) -> tuple[str, ...]:
+    from sitesagent.protocol import MECHANISMS
+
+    names = _names(text)
+    unknown = sorted(set(names) - set(MECHANISMS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown mechanism {', '.join(unknown)}; known: {', '.join(MECHANISMS)}"
+        )
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sitesagent",
@@ -78,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=_delta,
         default=1e-5,
         help="the delta the --max-epsilon limit is stated at (default 1e-5; 0 allows pure-DP rounds only)",
+    )
+    run.add_argument(
+        "--max-round-epsilon",
+        type=_positive_float,
+        default=None,
+        help="the most one round may cost this site, at --delta (the site's minimum protection)",
+    )
+    run.add_argument(
+        "--federations",
+        type=_names,
+        default=None,
+        help="comma-separated names of the only federations this site serves (default: every one it accepted)",
+    )
+    run.add_argument(
+        "--mechanisms",
+        type=_mechanisms,
+        default=None,
+        help="comma-separated mechanisms this site accepts, e.g. dpsgd (default: every protected one)",
     )
     run.add_argument(
         "--allow-unprotected",
@@ -142,6 +179,9 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         max_epsilon=args.max_epsilon,
         delta=args.delta,
+        max_round_epsilon=args.max_round_epsilon,
+        federations=args.federations,
+        mechanisms=args.mechanisms,
         allow_unprotected=args.allow_unprotected,
         state_file=args.state_file,
         poll_seconds=args.poll_seconds,

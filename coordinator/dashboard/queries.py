@@ -151,6 +151,30 @@ def site_rows(sites: Iterable[Site], federation_ids: set[int]) -> list[dict[str,
     ]
 
 
+def agent_policy(info: dict[str, Any] | None) -> list[tuple[str, str]] | None:
+    """The site's own rules as its agent last reported them, as (rule, setting) rows for people."""
+    policy = (info or {}).get("policy")
+    if not isinstance(policy, dict):
+        return None
+
+    def listed(value: Any, default: str) -> str:
+        return ", ".join(map(str, value)) if isinstance(value, list) else default
+
+    def limit(value: Any) -> str:
+        return (
+            f"epsilon {value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else "none"
+        )
+
+    return [
+        ("Federations served", listed(policy.get("federations"), "every one the site accepted")),
+        ("Mechanisms accepted", listed(policy.get("mechanisms"), "every protected one")),
+        ("Cap over all rounds", limit(policy.get("max_epsilon"))),
+        ("Cap per round", limit(policy.get("max_round_epsilon"))),
+        ("At delta", str(policy.get("delta", "–"))),
+        ("Unprotected sharing", "allowed" if policy.get("allow_unprotected") is True else "refused"),
+    ]
+
+
 def site_tasks(site: Site, federation_ids: Iterable[int], limit: int = 50) -> list[Task]:
     return list(
         Task.objects.filter(site=site, round__federation_id__in=list(federation_ids))

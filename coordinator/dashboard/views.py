@@ -427,6 +427,7 @@ def site_detail(request, pk: int):
         "can_manage": access.can_manage_site(request.user, site),
         "join_form": MembershipAddForm(federations=joinable) if joinable.exists() else None,
         "agent_info": json.dumps(site.agent_info, indent=2, sort_keys=True) if site.agent_info else "",
+        "policy": queries.agent_policy(site.agent_info),
     }
     return render(request, "dashboard/site.html", context)
 

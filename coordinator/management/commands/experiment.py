@@ -49,6 +49,12 @@ class Command(BaseCommand):
         parser.add_argument("--gamma", type=float, default=1e-3, help="clip bound on the per-step delta")
         parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
         parser.add_argument("--full", action="store_true", help="the BraTS SegResNet (4.7 M parameters)")
+        parser.add_argument(
+            "--preset",
+            default=None,
+            choices=["tiny", "cpu", "brats"],
+            help="the model preset (default: cpu, or brats with --full)",
+        )
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument(
             "--only",
@@ -63,7 +69,7 @@ class Command(BaseCommand):
         out: Path = options["out"]
         out.mkdir(parents=True, exist_ok=True)
         sites = self._sites(options, out)
-        model = preset("brats" if options["full"] else "cpu")
+        model = preset(options["preset"] or ("brats" if options["full"] else "cpu"))
         study = experiment.Study(
             sites=sites,
             model=model,
