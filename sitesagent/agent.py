@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sitesagent import protocol
-from sitesagent.client import Client, CoordinatorError, LiveChannel
+from sitesagent.client import BEST_EFFORT_ATTEMPTS, Client, CoordinatorError, LiveChannel
 from sitesagent.state import AgentState, LocalCapExceeded
 
 log = logging.getLogger("sitesagent")
@@ -375,7 +375,10 @@ class _StreamingHooks:
             self._last_report = now
             try:
                 self.agent.client.report(
-                    self.task_id, protocol.TASK_TRAINING, progress=min(1.0, iteration / max(total, 1))
+                    self.task_id,
+                    protocol.TASK_TRAINING,
+                    progress=min(1.0, iteration / max(total, 1)),
+                    attempts=BEST_EFFORT_ATTEMPTS,  # training does not wait for a progress report
                 )
             except (ConnectionError, CoordinatorError) as error:
                 log.warning("could not report progress: %s", error)

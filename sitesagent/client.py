@@ -34,8 +34,18 @@ class CoordinatorError(Exception):
         self.message = message
 
 
+# A request that keeps failing waits at most this long between tries (Retry-After may ask for more,
+# up to MAX_RETRY_AFTER): a hospital's agent outlasts any outage of the coordinator by waiting.
+MAX_BACKOFF = 30.0
+MAX_RETRY_AFTER = 300.0
+# Best-effort requests (progress, metrics over HTTP) give up after this many tries: training must
+# not wait for them.
+BEST_EFFORT_ATTEMPTS = 3
+
+
 class Client:
-    def __init__(self, server: str, token: str, *, attempts: int = 8, timeout: float = 60.0):
+    def __init__(self, server: str, token: str, *, attempts: int | None = None, timeout: float = 60.0):
+        """``attempts``: how often a failing request is tried; None (the agent's way) for ever."""
         self.server = server.rstrip("/")
         self.token = token
         self.attempts = attempts
@@ -46,26 +56,37 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send a request, retrying network faults and 5xx answers with jittered backoff."""
-        delay = 0.5
-        for attempt in range(1, self.attempts + 1):
+    def request(
+        self, method: str, path: str, *, attempts: int | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """Send a request; network faults, 429 and 5xx answers are waited out with capped, jittered
+        backoff (honouring Retry-After), for ever unless ``attempts`` (or the client's) says otherwise.
+        Any other error status raises CoordinatorError at once."""
+        limit = attempts or self.attempts
+        delay, attempt = 0.5, 0
+        while True:
+            attempt += 1
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as error:
-                failure = f"network: {error}"
+                failure, wait = f"network: {error}", delay
             else:
                 if response.status_code not in RETRYABLE_STATUS:
+                    if attempt > 1:
+                        log.info("the coordinator answers again (%s %s)", method, path)
                     if response.status_code >= 400:
                         raise CoordinatorError(response.status_code, _error_text(response))
                     return response
-                failure = f"HTTP {response.status_code}"
-            if attempt == self.attempts:
+                failure, wait = f"HTTP {response.status_code}", max(delay, _retry_after(response))
+            if limit is not None and attempt >= limit:
                 raise ConnectionError(f"{method} {path} failed {attempt} times, last: {failure}")
-            log.warning("%s %s failed (%s); retrying in %.1fs", method, path, failure, delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 30.0)
-        raise AssertionError("unreachable")
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning(
+                    "%s %s failed (%s); waiting for the coordinator, next try in %.0f s (try %d)",
+                    method, path, failure, wait, attempt,
+                )  # fmt: skip
+            time.sleep(wait * (0.5 + random.random()) if wait == delay else wait)
+            delay = min(delay * 2, MAX_BACKOFF)
 
     # --- the agent's endpoints -----------------------------------------------------------
 
@@ -79,14 +100,28 @@ class Client:
             raise ConnectionError(f"model version {version_id} arrived corrupted (its hash does not match)")
         return data
 
-    def report(self, task_id: int, state: str, *, progress: float | None = None, reason: str = "") -> None:
+    def report(
+        self,
+        task_id: int,
+        state: str,
+        *,
+        progress: float | None = None,
+        reason: str = "",
+        attempts: int | None = None,
+    ) -> None:
         body: dict[str, Any] = {"state": state, "reason": reason}
         if progress is not None:
             body["progress"] = progress
-        self.request("POST", f"/api/agent/tasks/{task_id}/status/", json=body)
+        self.request("POST", f"/api/agent/tasks/{task_id}/status/", json=body, attempts=attempts)
 
     def post_metrics(self, task_id: int, points: list[dict[str, Any]]) -> None:
-        self.request("POST", f"/api/agent/tasks/{task_id}/metrics/", json={"points": points})
+        """Best effort: the live channel keeps unacknowledged points and sends them again."""
+        self.request(
+            "POST",
+            f"/api/agent/tasks/{task_id}/metrics/",
+            json={"points": points},
+            attempts=BEST_EFFORT_ATTEMPTS,
+        )
 
     def upload(self, task_id: int, data: bytes) -> dict[str, Any]:
         response = self.request(
@@ -104,6 +139,14 @@ class Client:
         parts = urlsplit(self.server)
         scheme = "wss" if parts.scheme == "https" else "ws"
         return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws/agent/", "", ""))
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The seconds a 429 or 503 asks the client to wait (Retry-After in seconds), capped; else 0."""
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(response.headers.get("Retry-After", 0))))
+    except ValueError:
+        return 0.0  # an HTTP date, which the coordinator never sends: the backoff decides
 
 
 def _error_text(response: httpx.Response) -> str:
