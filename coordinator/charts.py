@@ -181,25 +181,25 @@ def _rounded(value: float | None) -> float | None:
 
 
 def epsilon_spent(commits: Iterable[Mapping[str, Any]]) -> Figure:
-    """Each site's committed epsilon, summed over rounds (basic composition, what is enforced).
+    """Each site's committed epsilon after each round, as the accountant composes it (what is
+    enforced; not a sum).
 
-    ``commits``: ledger commit entries in order, each with ``round`` (number), ``site`` and
-    ``epsilon`` (None for a round with no formal guarantee: drawn as a cross, never a number).
+    ``commits``: in ledger order, each with ``round`` (number), ``site``, ``spent`` (the site's
+    epsilon right after it) and ``protected`` (False for a round with no formal guarantee: drawn as
+    a cross at the level the site had reached, never as a number).
     """
-    totals: dict[str, Decimal] = defaultdict(Decimal)
     lines: dict[str, dict[str, list]] = {}
     unprotected: dict[str, dict[str, list]] = {}
     for commit in commits:
         site = commit["site"]
         line = lines.setdefault(site, {"x": [], "y": []})
-        if commit["epsilon"] is None:
+        if not commit["protected"]:
             marks = unprotected.setdefault(site, {"x": [], "y": []})
             marks["x"].append(commit["round"])
-            marks["y"].append(float(totals[site]))
+            marks["y"].append(line["y"][-1] if line["y"] else 0.0)
             continue
-        totals[site] += Decimal(commit["epsilon"])
         line["x"].append(commit["round"])
-        line["y"].append(float(totals[site]))
+        line["y"].append(float(commit["spent"]))
     traces = []
     for index, site in enumerate(sorted(lines)):
         colour, label = PALETTE[index % len(PALETTE)], plain(site)
@@ -229,7 +229,11 @@ def epsilon_spent(commits: Iterable[Mapping[str, Any]]) -> Figure:
     figure = {
         "data": traces,
         "layout": _layout(
-            "Epsilon spent per site", x="round", y="ε committed (sum)", xaxis={"dtick": 1}, showlegend=True
+            "Epsilon spent per site",
+            x="round",
+            y="ε committed (accountant)",
+            xaxis={"dtick": 1},
+            showlegend=True,
         ),
     }
     if not traces:

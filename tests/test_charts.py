@@ -84,23 +84,23 @@ def test_heatmap_puts_sites_in_rows_and_rounds_in_columns_with_gaps():
     assert (trace["zmin"], trace["zmax"]) == (0, 1)
 
 
-def test_epsilon_spent_adds_up_commits_per_site_exactly():
+def test_epsilon_spent_draws_the_accountants_figure_after_each_commit():
     commits = [
-        {"round": 1, "site": "A", "epsilon": Decimal("0.1")},
-        {"round": 1, "site": "B", "epsilon": Decimal("1")},
-        {"round": 2, "site": "A", "epsilon": Decimal("0.2")},
-        {"round": 3, "site": "A", "epsilon": None},
-        {"round": 4, "site": "A", "epsilon": Decimal("0.3")},
+        {"round": 1, "site": "A", "spent": 0.1, "protected": True},
+        {"round": 1, "site": "B", "spent": 1.0, "protected": True},
+        {"round": 2, "site": "A", "spent": 0.3, "protected": True},
+        {"round": 3, "site": "A", "spent": 0.3, "protected": False},
+        {"round": 4, "site": "A", "spent": 0.55, "protected": True},
     ]
     figure = valid(charts.epsilon_spent(commits))
     traces = {t["name"]: t for t in figure["data"]}
-    # 0.1 + 0.2 + 0.3 summed as decimals: exactly 0.6, not 0.6000000000000001.
-    assert traces["A"]["x"] == [1, 2, 4] and traces["A"]["y"] == [0.1, 0.3, 0.6]
+    assert traces["A"]["x"] == [1, 2, 4] and traces["A"]["y"] == [0.1, 0.3, 0.55]
     assert traces["B"]["y"] == [1.0]
     unprotected = traces["A: no formal guarantee"]
     assert unprotected["x"] == [3] and unprotected["y"] == [0.3]
     assert unprotected["marker"]["symbol"] == "x"
     assert "no formal guarantee" in unprotected["hovertemplate"]
+    assert "accountant" in figure["layout"]["yaxis"]["title"]["text"]
 
 
 def test_budget_bars_stack_committed_reserved_and_remaining():
@@ -148,7 +148,7 @@ def test_a_site_named_with_markup_is_drawn_as_text_in_every_chart():
     loss = charts.site_series(series, metric="train_loss", title="Loss", y="loss")
     assert loss["data"][0]["name"] == ESCAPED
     assert loss["data"][0]["hovertemplate"].startswith(ESCAPED + "<br>")
-    spent = charts.epsilon_spent([{"round": 1, "site": MARKUP_NAME, "epsilon": Decimal(1)}])
+    spent = charts.epsilon_spent([{"round": 1, "site": MARKUP_NAME, "spent": 1.0, "protected": True}])
     assert spent["data"][0]["name"] == ESCAPED
     bars = charts.budget_bars([{"site": MARKUP_NAME, "committed": 1, "reserved": 0, "remaining": 1}])
     assert bars["data"][0]["y"] == [ESCAPED]

@@ -72,12 +72,27 @@ def site_case_counts(sites: Iterable[Site]) -> dict[int, int | None]:
 
 
 def epsilon_commits(memberships: Iterable[Membership]) -> list[dict[str, Any]]:
-    """Commit entries of these memberships in ledger order: what each site spent in each round."""
-    entries = LedgerEntry.objects.filter(membership__in=list(memberships), kind=LedgerKind.COMMIT)
-    return [
-        {"round": entry.round.number, "site": entry.membership.site.name, "epsilon": entry.epsilon}
-        for entry in entries.select_related("round", "membership__site").order_by("id")
-    ]
+    """Commit entries of these memberships in ledger order, each with the site's epsilon right
+    after it: the accountant's figure over its commits so far, at its budget's delta (``spent``).
+    A round with no formal guarantee has ``protected`` False and leaves ``spent`` where it was."""
+    memberships = list(memberships)
+    deltas = {m.pk: m.budget_delta for m in memberships}
+    so_far: dict[int, list[dict | None]] = {m.pk: [] for m in memberships}
+    rows = []
+    entries = LedgerEntry.objects.filter(membership__in=memberships, kind=LedgerKind.COMMIT)
+    for entry in entries.select_related("round", "membership__site").order_by("id"):
+        events = so_far[entry.membership_id]
+        events.append(entry.dp_event)
+        spent = accounting.composition_figures(events, deltas[entry.membership_id]).accountant_epsilon
+        rows.append(
+            {
+                "round": entry.round.number,
+                "site": entry.membership.site.name,
+                "spent": spent,
+                "protected": entry.dp_event is not None,
+            }
+        )
+    return rows
 
 
 # --- Sites --------------------------------------------------------------------------------------
