@@ -38,8 +38,8 @@ class CoordinatorError(Exception):
 # up to MAX_RETRY_AFTER): a hospital's agent outlasts any outage of the coordinator by waiting.
 MAX_BACKOFF = 30.0
 MAX_RETRY_AFTER = 300.0
-# Best-effort requests (progress, metrics over HTTP) give up after this many tries: training must
-# not wait for them.
+# Best-effort requests (progress reports from the training loop) give up after this many tries:
+# training must not wait for them, and the next report says the same and more.
 BEST_EFFORT_ATTEMPTS = 3
 
 
@@ -82,7 +82,7 @@ class Client:
                 raise ConnectionError(f"{method} {path} failed {attempt} times, last: {failure}")
             if attempt == 1 or attempt % 10 == 0:
                 log.warning(
-                    "%s %s failed (%s); waiting for the coordinator, next try in %.0f s (try %d)",
+                    "%s %s failed (%s); retrying in %.0f s (try %d), waiting for the coordinator",
                     method, path, failure, wait, attempt,
                 )  # fmt: skip
             time.sleep(wait * (0.5 + random.random()) if wait == delay else wait)
@@ -115,13 +115,8 @@ class Client:
         self.request("POST", f"/api/agent/tasks/{task_id}/status/", json=body, attempts=attempts)
 
     def post_metrics(self, task_id: int, points: list[dict[str, Any]]) -> None:
-        """Best effort: the live channel keeps unacknowledged points and sends them again."""
-        self.request(
-            "POST",
-            f"/api/agent/tasks/{task_id}/metrics/",
-            json={"points": points},
-            attempts=BEST_EFFORT_ATTEMPTS,
-        )
+        """Sent from the live channel's own thread, which waits out an outage; training does not."""
+        self.request("POST", f"/api/agent/tasks/{task_id}/metrics/", json={"points": points})
 
     def upload(self, task_id: int, data: bytes) -> dict[str, Any]:
         response = self.request(
