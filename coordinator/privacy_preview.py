@@ -116,6 +116,9 @@ def preview(
     ]
     if mechanism == protocol.MECHANISM_DPSGD and any(row.get("mostly_noise") for row in rows):
         summary["mostly_noise"] = True
+    if mechanism == protocol.MECHANISM_SVT:
+        # For comparison, at its full cost: what the paper's setting would cost on this model.
+        summary["paper_svt"] = paper_svt_setting(summary["n_parameters"])
     return {
         **summary,
         "rounds": max(1, rounds),

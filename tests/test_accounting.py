@@ -214,3 +214,14 @@ def test_pure_epsilon_ledgers_migrate_to_pure_events_at_delta_zero():
         0,
         3 - accounting.as_decimal(0.6),
     )
+
+
+def test_the_papers_svt_setting_costs_about_4_2_million_a_round_on_the_brats_model():
+    from coordinator import privacy_preview
+
+    paper = privacy_preview.paper_svt_setting()
+    assert paper["n_parameters"] > 4_500_000
+    assert paper["epsilon"] == pytest.approx(4.2e6, rel=0.02)
+    # Its release noise is 2 gamma: 2 c gamma / eps_release with eps_release = c.
+    scales = protocol.svt_noise_scales(paper["params"], paper["n_parameters"])
+    assert scales["release"] == pytest.approx(2 * paper["params"]["gamma"])

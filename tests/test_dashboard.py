@@ -393,6 +393,9 @@ def test_preview_shows_cost_balance_noise_and_warnings_per_site(alice, federatio
         "has 2 epsilon left of 2" in page and "would take it to 2.4" in page and "cosine similarity" in page
     )
     assert preview["mostly_noise"] and "mostly noise" in page
+    paper = preview["paper_svt"]
+    c = protocol.selection_count(0.9, preview["n_parameters"])
+    assert paper["epsilon"] == pytest.approx(0.001 + c) and "data-paper-svt" in page
     assert "each released value" in page and "Scale / γ" in page
     weak = client.post(url, _launch_data(sites, eps_release="20")).content.decode()
     assert "A guarantee so weak it means little" in weak
